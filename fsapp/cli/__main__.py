@@ -1,0 +1,3 @@
+from fsapp.cli.main import main
+
+main()

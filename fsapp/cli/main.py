@@ -1,0 +1,263 @@
+"""``fsapp``: train, evaluate, inspect configs and plugins, benchmark."""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fsapp.errors import FsappError, UsageError
+
+app = typer.Typer(
+    help="Feature Scattering adversarial training and honest robustness evaluation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Show and check run configurations.", no_args_is_help=True)
+plugins_app = typer.Typer(help="List components and the plugins that provide them.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(plugins_app, name="plugins")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn fsapp errors into one clear line on stderr: exit 2 for usage errors, 1 otherwise."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UsageError as exc:
+            err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except FsappError as exc:
+            err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.callback()
+def _root(
+    strict_plugins: bool = typer.Option(False, "--strict-plugins", help="Plugin load failures are errors."),
+) -> None:
+    """Feature Scattering adversarial training and honest robustness evaluation."""
+    if strict_plugins:
+        from fsapp.plugins import reset_registry
+
+        try:
+            reset_registry(strict=True)
+        except FsappError as exc:
+            err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+    else:
+        _registry_quietly()
+
+
+def _registry_quietly() -> None:
+    import logging
+
+    logging.getLogger("fsapp").addHandler(logging.NullHandler())
+    from fsapp.plugins import get_registry
+
+    registry = get_registry()
+    for failure in registry.failures:
+        err_console.print(f"[yellow]warning:[/] {failure}", highlight=False, soft_wrap=True)
+
+
+# -- train ---------------------------------------------------------------------------------
+
+@app.command()
+@friendly
+def train(
+    config: Optional[str] = typer.Argument(None, help="A preset name or a TOML file (default: demo)."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Start from this preset."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: section.key=value (repeatable)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/<time>-...)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
+    download: bool = typer.Option(False, "--download", help="Let dataset loaders download (network needed)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the final line."),
+) -> None:
+    """Train a model (Feature Scattering on the embedded digits by default)."""
+    from fsapp import config as cfgmod
+    from fsapp.cli.render import TrainRenderer
+    from fsapp.engine.train import Control
+    from fsapp.engine.train import train as run_train
+
+    if config and preset:
+        raise UsageError("give either a config (preset or TOML file) or --preset, not both")
+    overrides = list(set_)
+    if download:
+        overrides.append("data.download=true")
+    control = Control.new()
+    if resume is not None:
+        if config or preset or set_:
+            raise UsageError("--resume continues a run with its own config.toml; drop the config and --set")
+        events = run_train(resume=resume, control=control)
+    else:
+        cfg = cfgmod.load(config or preset, overrides)
+        events = run_train(cfg, run_dir=run_dir, control=control)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if control.stop.is_set():
+            raise KeyboardInterrupt
+        control.stop.set()
+        err_console.print("[yellow]stopping after this step (checkpoint kept); Ctrl-C again to abort[/]")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        if quiet:
+            from fsapp.engine import events as ev
+
+            for event in events:
+                if isinstance(event, ev.Finished):
+                    console.print(f"model: {event.model_path}")
+        else:
+            with TrainRenderer(console) as renderer:
+                for event in events:
+                    renderer.handle(event)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# -- eval ----------------------------------------------------------------------------------
+
+@app.command("eval")
+@friendly
+def eval_(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="An fsapp .safetensors model file."),
+    attack: list[str] = typer.Option([], "--attack", "-a", help="Attack spec, e.g. pgd:steps=20 (repeatable)."),
+    n: int = typer.Option(1000, "--n", help="Number of test samples (first n of a seeded order)."),
+    batch_size: int = typer.Option(250, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+    eps: Optional[str] = typer.Option(None, "--eps", help="Default eps for attacks that do not name it (e.g. 8/255)."),
+    data_root: str = typer.Option("data", "--data-root", help="Where dataset files live."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON report here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Evaluate a saved model on its dataset's test split: clean, each attack, worst case."""
+    from fsapp.cli.evalcmd import run_eval
+
+    report = run_eval(model_path, attack, n=n, batch_size=batch_size, seed=seed, device=device, eps=eps,
+                      data_root=data_root, out=out, quiet=as_json, console=err_console)
+    if as_json:
+        sys.stdout.write(json.dumps(report) + "\n")
+
+
+# -- config --------------------------------------------------------------------------------
+
+@config_app.command("show")
+@friendly
+def config_show(
+    config: Optional[str] = typer.Argument(None, help="A preset name or TOML file (default: demo)."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: section.key=value."),
+) -> None:
+    """Print the fully resolved configuration as TOML."""
+    from fsapp import config as cfgmod
+
+    if config and preset:
+        raise UsageError("give either a config (preset or TOML file) or --preset, not both")
+    cfg = cfgmod.load(config or preset, list(set_))
+    sys.stdout.write(cfgmod.to_toml(cfgmod.resolved_tables(cfg)))
+
+
+@config_app.command("presets")
+def config_presets() -> None:
+    """List the presets."""
+    from fsapp.config import PRESET_DESCRIPTIONS
+
+    for name, text in PRESET_DESCRIPTIONS.items():
+        console.print(f"[bold]{name}[/]: {text}", highlight=False)
+
+
+# -- plugins -------------------------------------------------------------------------------
+
+@plugins_app.command("list")
+@friendly
+def plugins_list(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Every component by kind, its parameters and the plugin that provides it."""
+    from fsapp.plugins import get_registry
+    from fsapp.registry import KINDS
+
+    registry = get_registry()
+    data = {
+        kind: [
+            {"name": c.name, "plugin": c.plugin, "description": c.description,
+             "params": {row["name"]: _jsonable(row["default"]) for row in c.param_table()}}
+            for c in (registry.get(kind, name) for name in registry.names(kind))
+        ]
+        for kind in KINDS
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    for kind in KINDS:
+        table = Table(title=f"{kind}s", title_justify="left", expand=False)
+        table.add_column("name", style="bold")
+        table.add_column("plugin")
+        table.add_column("parameters (defaults)")
+        for c in (registry.get(kind, name) for name in registry.names(kind)):
+            params = ", ".join(f"{r['name']}={_short(r['default'])}" for r in c.param_table())
+            table.add_row(c.name, c.plugin, params or "-")
+        console.print(table)
+    for failure in registry.failures:
+        console.print(f"[yellow]failed:[/] {failure}", highlight=False)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_short(v) for v in value) + ")"
+    return str(value)
+
+
+# -- bench ---------------------------------------------------------------------------------
+
+@app.command()
+@friendly
+def bench(
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    repeats: int = typer.Option(5, "--repeats", help="Interleaved repetitions (median is reported)."),
+    model: list[str] = typer.Option([], "--model", help="Model specs (default: small-cnn, wrn:depth=16,widen=4)."),
+    batch_size: int = typer.Option(60, "--batch-size"),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Time training steps of standard, madry and feature-scatter on the same model and batch."""
+    from fsapp.bench import run_bench
+
+    figures = run_bench(models=list(model) or None, repeats=repeats, batch_size=batch_size, device=device,
+                        progress=None if as_json else err_console)
+    if as_json:
+        sys.stdout.write(json.dumps(figures, indent=2) + "\n")
+    else:
+        from fsapp.cli.benchview import show_bench
+
+        show_bench(console, figures)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,539 @@
+"""Run configuration: section dataclasses, presets, TOML files, ``--set`` overrides, validation.
+
+A configuration has fixed sections (``run``, ``data``, ``model``, ``method``, ``optim``,
+``schedule``, ``eval``) plus the parameter tables of the chosen components: extra keys in
+``[model]`` and ``[data]`` are the model's and dataset's own parameters, and ``[perturbation]``
+and ``[solver]`` hold the chosen perturbation's and solver's parameters. Every key is checked
+against the dataclass (or the component's params) that owns it; a bad one is one clear line.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fsapp.errors import UsageError
+from fsapp.registry import ModelParams, coerce, type_name
+
+EPS8 = 8 / 255
+STEP2 = 2 / 255
+
+
+@dataclass
+class RunSection:
+    """Where the run lives and how it executes."""
+
+    name: str = ""
+    runs_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 0
+    max_bad_steps: int = 10
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if self.log_every < 1:
+            raise ValueError("log_every must be >= 1")
+        if self.checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be >= 0 (0: at the end of each epoch)")
+        if self.max_bad_steps < 0:
+            raise ValueError("max_bad_steps must be >= 0")
+
+
+@dataclass
+class DataSection:
+    """The dataset, its batching and augmentation (other keys: the dataset's parameters)."""
+
+    name: str = "digits"
+    batch_size: int = 60
+    train_limit: int = 0
+    augment: Literal["auto", "none", "crop-flip"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2 (the transport plan couples the batch)")
+        if self.train_limit < 0:
+            raise ValueError("train_limit must be >= 0 (0: all samples)")
+
+
+@dataclass
+class ModelSection:
+    """The model's name (other keys: the model's parameters)."""
+
+    name: str = "small-cnn"
+
+
+@dataclass
+class MethodSection:
+    """The training method: a perturbation scheme, its budget, a solver and the outer loss."""
+
+    perturbation: str = "feature-scatter"
+    solver: str = "sinkhorn"
+    epsilon: float = EPS8
+    step_size: float = EPS8
+    steps: int = 1
+    loss: Literal["soft-ce", "ce"] = "soft-ce"
+    label_smoothing: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.epsilon < 0 or self.step_size < 0:
+            raise ValueError("epsilon and step_size must be >= 0")
+        if self.steps < 1:
+            raise ValueError("steps must be >= 1")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError("label_smoothing must be in [0, 1)")
+
+
+@dataclass
+class OptimSection:
+    """SGD with momentum and weight decay on all parameters."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError("lr must be > 0")
+        if not 0 <= self.momentum < 1:
+            raise ValueError("momentum must be in [0, 1)")
+        if self.weight_decay < 0:
+            raise ValueError("weight_decay must be >= 0")
+
+
+@dataclass
+class ScheduleSection:
+    """Epochs and a piecewise-constant learning rate (multiplied by gamma at each milestone)."""
+
+    epochs: int = 15
+    milestones: tuple[int, ...] = (10, 13)
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError("epochs must be >= 1")
+        if any(m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            raise ValueError("milestones must be increasing epoch numbers >= 1")
+        if not 0 < self.gamma <= 1:
+            raise ValueError("gamma must be in (0, 1]")
+
+
+@dataclass
+class EvalSection:
+    """Live robustness evaluation on a fixed held-out subset, after every ``every`` epochs."""
+
+    n: int = 200
+    every: int = 1
+    eps: float = EPS8
+    step_size: float = STEP2
+    attacks: tuple[str, ...] = ("pgd:steps=20", "cw:steps=20")
+    autoattack_n: int = 0
+    batch_size: int = 250
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 0 or self.autoattack_n < 0:
+            raise ValueError("n and autoattack_n must be >= 0")
+        if self.every < 1:
+            raise ValueError("every must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunSection,
+    "data": DataSection,
+    "model": ModelSection,
+    "method": MethodSection,
+    "optim": OptimSection,
+    "schedule": ScheduleSection,
+    "eval": EvalSection,
+}
+COMPONENT_TABLES = {"model": "model", "data": "dataset", "perturbation": "perturbation", "solver": "solver"}
+ALL_TABLES = tuple(SECTIONS) + ("perturbation", "solver")
+
+
+@dataclass
+class Config:
+    """A whole run configuration. ``extras`` holds component parameters by table name."""
+
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    method: MethodSection = field(default_factory=MethodSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    extras: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"model": {}, "data": {}, "perturbation": {}, "solver": {}}
+    )
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Sections as nested dicts, component parameters merged into their tables."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in SECTIONS:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        for table, params in self.extras.items():
+            out.setdefault(table, {}).update(params)
+        return out
+
+    # Derived component specs -------------------------------------------------------------
+    def model_params(self) -> dict[str, Any]:
+        return dict(self.extras.get("model", {}))
+
+    def dataset_params(self) -> dict[str, Any]:
+        return dict(self.extras.get("data", {}))
+
+    def solver_spec(self) -> tuple[str, dict[str, Any]]:
+        return self.method.solver, dict(self.extras.get("solver", {}))
+
+    def perturbation_params(self) -> dict[str, Any]:
+        """The perturbation's parameters: [method] budget where it takes them, then [perturbation]."""
+        from fsapp.plugins import get_registry
+        from fsapp.registry import Spec
+
+        comp = get_registry().get("perturbation", self.method.perturbation)
+        names = {f.name for f in dataclasses.fields(comp.params)}
+        params: dict[str, Any] = {}
+        for key in ("epsilon", "step_size", "steps"):
+            if key in names:
+                params[key] = getattr(self.method, key)
+        if "solver" in names:
+            name, sp = self.solver_spec()
+            params["solver"] = str(Spec(name, {k: _spec_value(v) for k, v in sp.items()}))
+        params.update(self.extras.get("perturbation", {}))
+        return params
+
+    def attack_specs(self) -> list[str]:
+        """Live-evaluation attack specs with the eval eps and step size filled in."""
+        return [with_defaults(s, eps=self.eval.eps, step_size=self.eval.step_size) for s in self.eval.attacks]
+
+
+def _spec_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (tuple, list)):
+        return ";".join(str(x) for x in v)
+    return str(v)
+
+
+def with_defaults(spec: str, **defaults: Any) -> str:
+    """Add ``key=value`` to a spec string for each default the spec does not name and the
+    component accepts."""
+    from fsapp.plugins import get_registry
+    from fsapp.registry import Spec, parse_spec
+
+    parsed = parse_spec(spec)
+    comp = get_registry().get("attack", parsed.name)
+    names = {f.name for f in dataclasses.fields(comp.params)}
+    params = dict(parsed.params)
+    for key, value in defaults.items():
+        if key in names and key not in params:
+            params[key] = _spec_value(value)
+    return str(Spec(parsed.name, params))
+
+
+# Presets --------------------------------------------------------------------------------
+
+def _paper(dataset: str, lr: float, augment: str) -> dict[str, dict[str, Any]]:
+    return {
+        "data": {"name": dataset, "batch_size": 60, "augment": augment},
+        "model": {"name": "wrn", "depth": 28, "widen": 10, "dropout": 0.0},
+        "method": {"perturbation": "feature-scatter", "solver": "sinkhorn", "epsilon": EPS8,
+                   "step_size": EPS8, "steps": 1, "loss": "soft-ce", "label_smoothing": 0.5},
+        "solver": {"reg": 0.01, "max_iter": 100, "tol": 0.1, "mode": "faithful", "detach": False},
+        "optim": {"lr": lr, "momentum": 0.9, "weight_decay": 2e-4, "nesterov": False},
+        "schedule": {"epochs": 200, "milestones": [60, 90], "gamma": 0.1},
+        "eval": {"n": 1000, "eps": EPS8, "step_size": STEP2, "attacks": ["pgd:steps=20", "cw:steps=20"]},
+    }
+
+
+def _cifar_baseline(perturbation: str, steps: int, loss: str) -> dict[str, dict[str, Any]]:
+    preset = _paper("cifar10", 0.1, "crop-flip")
+    preset["data"]["batch_size"] = 128
+    preset["method"] = {"perturbation": perturbation, "solver": "sinkhorn", "epsilon": EPS8,
+                        "step_size": STEP2, "steps": steps, "loss": loss, "label_smoothing": 0.0}
+    preset.pop("solver")
+    return preset
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "demo": {
+        "data": {"name": "digits", "batch_size": 60},
+        "model": {"name": "small-cnn"},
+        "method": {"perturbation": "feature-scatter", "solver": "sinkhorn", "epsilon": 0.2,
+                   "step_size": 0.2, "steps": 1, "loss": "soft-ce", "label_smoothing": 0.5},
+        "optim": {"lr": 0.1},
+        "schedule": {"epochs": 15, "milestones": [10, 13]},
+        "eval": {"n": 200, "eps": 0.2, "step_size": 0.05, "attacks": ["pgd:steps=20", "cw:steps=20"]},
+    },
+    "paper-cifar10": _paper("cifar10", 0.1, "crop-flip"),
+    "paper-cifar100": _paper("cifar100", 0.1, "crop-flip"),
+    "paper-svhn": _paper("svhn", 0.01, "none"),
+    "madry-cifar10": _cifar_baseline("supervised", 7, "ce"),
+    "standard-cifar10": _cifar_baseline("none", 1, "ce"),
+}
+PRESET_DESCRIPTIONS = {
+    "demo": "Feature Scattering on the embedded digits with small-cnn (minutes on a CPU)",
+    "paper-cifar10": "the paper's CIFAR-10 run: WRN-28-10, eps 8/255, faithful Sinkhorn, 200 epochs",
+    "paper-cifar100": "the paper's CIFAR-100 run (label smoothing 0.5 with 100 classes)",
+    "paper-svhn": "the paper's SVHN run (lr 0.01, no augmentation)",
+    "madry-cifar10": "Madry PGD-7 adversarial training (step 2/255, cross-entropy), WRN-28-10",
+    "standard-cifar10": "standard (clean) training, WRN-28-10",
+}
+
+
+# Building and validating ------------------------------------------------------------------
+
+def _section_fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _valid_keys(table: str, cfg_tables: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Map of key -> type valid in ``table`` given the component names chosen in cfg_tables."""
+    from fsapp.plugins import get_registry
+
+    reg = get_registry()
+    keys: dict[str, Any] = {}
+    if table in SECTIONS:
+        keys.update(_section_fields(SECTIONS[table]))
+    if table == "model":
+        name = cfg_tables.get("model", {}).get("name", ModelSection.name)
+        comp = reg.get("model", name)
+        base = set(_section_fields(ModelParams))
+        keys.update({k: t for k, t in _section_fields(comp.params).items() if k not in base})
+    elif table == "data":
+        comp = reg.get("dataset", cfg_tables.get("data", {}).get("name", DataSection.name))
+        keys.update(_section_fields(comp.params))
+    elif table == "solver":
+        comp = reg.get("solver", cfg_tables.get("method", {}).get("solver", MethodSection.solver))
+        keys.update(_section_fields(comp.params))
+    elif table == "perturbation":
+        name = cfg_tables.get("method", {}).get("perturbation", MethodSection.perturbation)
+        comp = reg.get("perturbation", name)
+        budget = {"epsilon", "step_size", "steps", "solver"}
+        keys.update({k: t for k, t in _section_fields(comp.params).items() if k not in budget})
+    return keys
+
+
+def _component_kind(table: str) -> str:
+    return COMPONENT_TABLES.get(table, table)
+
+
+def from_tables(tables: dict[str, Any], source: str = "config") -> Config:
+    """Build and validate a Config from nested tables (TOML-shaped)."""
+    if not isinstance(tables, dict):
+        raise UsageError(f"{source}: expected tables like [run], [model]; got {type(tables).__name__}")
+    for table, values in tables.items():
+        if table not in ALL_TABLES:
+            raise UsageError(f"{source}: unknown section [{table}]; valid: {', '.join(ALL_TABLES)}")
+        if not isinstance(values, dict):
+            raise UsageError(f"{source}: [{table}] must be a table of key = value")
+    cfg = Config()
+    # Sections first (component names must be known before their parameters are checked).
+    for table, cls in SECTIONS.items():
+        values = tables.get(table, {})
+        fields = _section_fields(cls)
+        kwargs: dict[str, Any] = {}
+        for key, raw in values.items():
+            if key not in fields:
+                continue
+            try:
+                kwargs[key] = coerce(raw, fields[key])
+            except ValueError as exc:
+                raise UsageError(f"{source}: bad value for {table}.{key}: {exc}") from None
+        try:
+            setattr(cfg, table, cls(**kwargs))
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"{source}: bad [{table}]: {exc}") from None
+    names = {t: dataclasses.asdict(getattr(cfg, t)) for t in SECTIONS}
+    from fsapp.plugins import get_registry
+
+    reg = get_registry()
+    reg.get("model", cfg.model.name)
+    reg.get("dataset", cfg.data.name)
+    reg.get("perturbation", cfg.method.perturbation)
+    reg.get("solver", cfg.method.solver)
+    for table in ALL_TABLES:
+        values = tables.get(table, {})
+        valid = _valid_keys(table, names)
+        section_keys = set(_section_fields(SECTIONS[table])) if table in SECTIONS else set()
+        for key, raw in values.items():
+            if key not in valid:
+                where = _where(table, names)
+                raise UsageError(
+                    f"{source}: unknown key '{table}.{key}'{where}; valid: {', '.join(sorted(valid))}"
+                )
+            if key in section_keys:
+                continue
+            try:
+                cfg.extras.setdefault(table, {})[key] = coerce(raw, valid[key])
+            except ValueError as exc:
+                raise UsageError(f"{source}: bad value for {table}.{key}: {exc}") from None
+    _check_components(cfg, source)
+    return cfg
+
+
+def _where(table: str, names: dict[str, dict[str, Any]]) -> str:
+    if table == "model":
+        return f" for model '{names['model']['name']}'"
+    if table == "data":
+        return f" for dataset '{names['data']['name']}'"
+    if table == "solver":
+        return f" for solver '{names['method']['solver']}'"
+    if table == "perturbation":
+        return f" for perturbation '{names['method']['perturbation']}'"
+    return ""
+
+
+def _check_components(cfg: Config, source: str) -> None:
+    """Build each component's params dataclass once, so bad combinations fail now."""
+    from fsapp.plugins import get_registry
+    from fsapp.registry import make_params, parse_spec
+
+    reg = get_registry()
+    try:
+        make_params(reg.get("model", cfg.model.name), cfg.model_params())
+        make_params(reg.get("dataset", cfg.data.name), cfg.dataset_params())
+        name, sp = cfg.solver_spec()
+        make_params(reg.get("solver", name), sp)
+        make_params(reg.get("perturbation", cfg.method.perturbation), cfg.perturbation_params())
+        for spec in cfg.attack_specs():
+            parsed = parse_spec(spec)
+            make_params(reg.get("attack", parsed.name), parsed.params)
+    except UsageError as exc:
+        raise UsageError(f"{source}: {exc}") from None
+
+
+def preset(name: str) -> Config:
+    """The named preset as a validated Config."""
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset '{name}'; available: {', '.join(PRESETS)}")
+    return from_tables(copy.deepcopy(PRESETS[name]), source=f"preset {name}")
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: TOML syntax when it parses (numbers, lists, quoted strings), else the raw text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(tables: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to nested tables (validated later)."""
+    out = copy.deepcopy(tables)
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or "." not in key:
+            raise UsageError(f"bad --set {item!r}; expected section.key=value, e.g. optim.lr=0.05")
+        table, _, name = key.partition(".")
+        if table not in ALL_TABLES:
+            raise UsageError(f"bad --set {item!r}: unknown section '{table}'; valid: {', '.join(ALL_TABLES)}")
+        if not name or "." in name:
+            raise UsageError(f"bad --set {item!r}; expected section.key=value")
+        section = out.setdefault(table, {})
+        # Changing a component drops parameters that belonged to the previous one.
+        if name == "name" and table in ("model", "data") and section.get("name") != value.strip():
+            keep = set(_section_fields(SECTIONS[table]))
+            out[table] = section = {k: v for k, v in section.items() if k in keep}
+        if table == "method" and name in ("perturbation", "solver"):
+            if section.get(name) != value.strip():
+                out.pop(name, None)
+        section[name] = parse_value(value.strip())
+    return out
+
+
+def load(source: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a preset name or a TOML file (default: the ``demo`` preset), then apply ``--set``s."""
+    tables, label = load_tables(source)
+    tables = apply_overrides(tables, overrides or [])
+    return from_tables(tables, source=label)
+
+
+def load_tables(source: str | Path | None) -> tuple[dict[str, Any], str]:
+    """The raw tables of a preset or TOML file, and a label for error messages."""
+    if source is None:
+        return copy.deepcopy(PRESETS["demo"]), "preset demo"
+    text = str(source)
+    if text in PRESETS:
+        return copy.deepcopy(PRESETS[text]), f"preset {text}"
+    path = Path(text)
+    if path.suffix != ".toml" and not path.exists():
+        raise UsageError(
+            f"'{text}' is neither a preset ({', '.join(PRESETS)}) nor a .toml file"
+        )
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read config file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: invalid TOML: {exc}") from None
+    return data, str(path)
+
+
+def resolved_tables(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Every key with its value, component defaults written out."""
+    from fsapp.plugins import get_registry
+    from fsapp.registry import make_params
+
+    reg = get_registry()
+    tables = {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
+    model = make_params(reg.get("model", cfg.model.name), cfg.model_params())
+    base = set(_section_fields(ModelParams))
+    tables["model"].update({k: v for k, v in dataclasses.asdict(model).items() if k not in base})
+    data = make_params(reg.get("dataset", cfg.data.name), cfg.dataset_params())
+    tables["data"].update(dataclasses.asdict(data))
+    pert = make_params(reg.get("perturbation", cfg.method.perturbation), cfg.perturbation_params())
+    budget = {"epsilon", "step_size", "steps", "solver"}
+    tables["perturbation"] = {k: v for k, v in dataclasses.asdict(pert).items() if k not in budget}
+    name, sp = cfg.solver_spec()
+    tables["solver"] = dataclasses.asdict(make_params(reg.get("solver", name), sp))
+    return tables
+
+
+def to_toml(tables: dict[str, dict[str, Any]]) -> str:
+    """Serialise nested tables of scalars and lists as TOML."""
+    lines: list[str] = []
+    for table, values in tables.items():
+        if lines:
+            lines.append("")
+        lines.append(f"[{table}]")
+        for key, value in values.items():
+            if value is None:
+                continue
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def describe_keys() -> dict[str, dict[str, str]]:
+    """Fixed section keys and their types (for help text and forms)."""
+    return {t: {k: type_name(tp) for k, tp in _section_fields(c).items()} for t, c in SECTIONS.items()}

@@ -1,0 +1,106 @@
+"""Datasets as uint8 tensors, batch order from the seed, augmentation on the training device."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Dataset:
+    """A whole dataset in memory: uint8 images [N, C, H, W] and int64 labels, plus metadata.
+
+    ``augment`` names the training augmentation its paper setting uses: ``"crop-flip"``
+    (random 4-pixel-padded crop and horizontal flip) or ``"none"``.
+    """
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: str = "none"
+
+    def __post_init__(self) -> None:
+        for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
+            if x.dtype != torch.uint8 or x.dim() != 4:
+                raise ValueError(f"{self.name} {split} images must be uint8 [N, C, H, W]")
+            if y.dtype != torch.int64 or y.shape != (x.shape[0],):
+                raise ValueError(f"{self.name} {split} labels must be int64 [N]")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        c, h, w = self.x_train.shape[1:]
+        return (int(c), int(h), int(w))
+
+    def fingerprint(self) -> str:
+        """A short hash of the data, recorded in the run manifest."""
+        h = hashlib.sha256()
+        for t in (self.x_train, self.y_train, self.x_test, self.y_test):
+            h.update(t.contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def limit_train(self, n: int) -> "Dataset":
+        """The first ``n`` training samples (``n <= 0`` keeps all)."""
+        if n <= 0 or n >= len(self.y_train):
+            return self
+        return Dataset(self.name, self.x_train[:n], self.y_train[:n], self.x_test, self.y_test,
+                       self.classes, self.mean, self.std, self.augment)
+
+
+def to_unit(x: Tensor) -> Tensor:
+    """uint8 images to float32 in [0, 1]."""
+    return x.float().div_(255.0)
+
+
+def _mix(*parts: int) -> int:
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 62) - 1)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
+    """The sample order of an epoch: a permutation that depends only on (seed, epoch)."""
+    g = torch.Generator().manual_seed(_mix(seed, epoch, 0x0DE7))
+    return torch.randperm(n, generator=g)
+
+
+def batch_generator(seed: int, epoch: int, step: int, device: torch.device) -> torch.Generator:
+    """A generator for one batch's augmentation, so a resumed run draws the same crops."""
+    return torch.Generator(device=device).manual_seed(_mix(seed, epoch, step, 0xA06))
+
+
+def augment_crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
+    """Random crop with ``pad``-pixel zero padding and random horizontal flip, on x's device."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=x.device)
+    flip = torch.rand(n, generator=generator, device=x.device) < 0.5
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])  # [n, h]
+    cols = dx[:, None] + torch.arange(w, device=x.device)[None, :]  # [n, w]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    idx_n = torch.arange(n, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # [n, h, w, c]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def iterate_batches(order: Tensor, batch_size: int, start_step: int = 0):
+    """Yield ``(step, indices)`` over an epoch's order; the last batch may be short (no drop)."""
+    n = order.numel()
+    steps = (n + batch_size - 1) // batch_size
+    for step in range(start_step, steps):
+        yield step, order[step * batch_size:(step + 1) * batch_size]
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return (n + batch_size - 1) // batch_size

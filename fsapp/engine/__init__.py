@@ -1,0 +1,1 @@
+"""The engine: training and evaluation loops that yield events and never print."""

@@ -1,0 +1,286 @@
+"""The training loop: Feature Scattering and its baselines, one epoch after another.
+
+Reads top to bottom: set up (config, device, data, model, adversary, optimiser, run directory,
+resume), then for each epoch and batch: augment on the device, perturb, update; at the end of
+each epoch evaluate on a fixed held-out subset and checkpoint. It yields events and never prints.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fsapp import __version__
+from fsapp.checkpoint import (
+    atomic_write_text,
+    model_metadata,
+    restore_checkpoint,
+    save_checkpoint,
+    save_model,
+)
+from fsapp.config import Config, from_tables, load, resolved_tables, to_toml
+from fsapp.data import augment_crop_flip, batch_generator, epoch_order, iterate_batches, steps_per_epoch, to_unit
+from fsapp.engine import events as ev
+from fsapp.engine.evaluate import evaluate
+from fsapp.engine.step import training_step
+from fsapp.errors import TrainingAborted, UsageError
+from fsapp.plugins import get_registry
+
+CHECKPOINT = "checkpoint.safetensors"
+MODEL = "model.safetensors"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class Control:
+    """Requests from a front end to a running loop (thread-safe flags checked between steps)."""
+
+    stop: threading.Event
+    pause: threading.Event
+    checkpoint_now: threading.Event
+    evaluate_now: threading.Event
+
+    @classmethod
+    def new(cls) -> "Control":
+        return cls(threading.Event(), threading.Event(), threading.Event(), threading.Event())
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; ``cuda:N`` is checked to exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"run.device is '{name}' but no CUDA device is available; use auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"run.device '{name}' does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return device
+
+
+def as_config(config: Config | dict[str, Any] | str | Path | None) -> Config:
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, dict):
+        return from_tables(config)
+    return load(config)
+
+
+def lr_at(cfg: Config, epoch: int) -> float:
+    """Piecewise-constant learning rate: ``lr * gamma ** (milestones passed)``."""
+    passed = sum(1 for m in cfg.schedule.milestones if epoch >= m)
+    return cfg.optim.lr * cfg.schedule.gamma ** passed
+
+
+def new_run_dir(cfg: Config) -> Path:
+    root = Path(cfg.run.runs_dir)
+    name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.method.perturbation}-{cfg.data.name}"
+    path = root / name
+    suffix = 1
+    while path.exists() and cfg.run.name == "":
+        suffix += 1
+        path = root / f"{name}-{suffix}"
+    return path
+
+
+class RunLog:
+    """Appends events to ``metrics.jsonl`` (one JSON object per line)."""
+
+    def __init__(self, path: Path) -> None:
+        self.fh = open(path, "a", encoding="utf-8")
+
+    def write(self, event: ev.Event) -> ev.Event:
+        self.fh.write(json.dumps(event.to_dict()) + "\n")
+        self.fh.flush()
+        return event
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def train(
+    config: Config | dict[str, Any] | str | Path | None = None,
+    run_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    control: Control | None = None,
+) -> Iterator[ev.Event]:
+    """Train as configured; yields events. ``resume`` continues a run directory's checkpoint."""
+    control = control or Control.new()
+    # -- configuration and run directory -------------------------------------------------
+    if resume is not None:
+        run_path = Path(resume)
+        if not (run_path / "config.toml").is_file():
+            raise UsageError(f"cannot resume {run_path}: no config.toml there (not a run directory)")
+        cfg = load(run_path / "config.toml")
+    else:
+        cfg = as_config(config)
+        run_path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+        if (run_path / CHECKPOINT).exists():
+            raise UsageError(f"{run_path} already holds a run; resume it with --resume {run_path}")
+    device = pick_device(cfg.run.device)
+    registry = get_registry()
+
+    torch.manual_seed(cfg.run.seed)
+    dataset = registry.create("dataset", cfg.data.name, **cfg.dataset_params())
+    dataset = dataset.limit_train(cfg.data.train_limit)
+    channels, height, width = dataset.shape
+    model_params = dict(cfg.model_params(), num_classes=dataset.num_classes, channels=channels,
+                        size=height, mean=tuple(dataset.mean), std=tuple(dataset.std))
+    model = registry.create("model", cfg.model.name, **model_params).to(device)
+    if cfg.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if cfg.run.compile else model
+    perturb = registry.create("perturbation", cfg.method.perturbation, **cfg.perturbation_params())
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.precision == "fp16")
+    smoothing = cfg.method.label_smoothing if cfg.method.loss == "soft-ce" else 0.0
+    augment = cfg.data.augment if cfg.data.augment != "auto" else dataset.augment
+
+    try:
+        run_path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create run directory {run_path}: {exc.strerror}") from None
+    start_epoch, start_step, global_step = 0, 0, 0
+    resumed = resume is not None and (run_path / CHECKPOINT).exists()
+    if resumed:
+        state = restore_checkpoint(run_path / CHECKPOINT, model, optimizer)
+        start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
+    else:
+        tables = resolved_tables(cfg)
+        atomic_write_text(run_path / "config.toml", to_toml(tables))
+        manifest = {
+            "fsapp_version": __version__,
+            "plugins": dict(registry.plugins),
+            "torch_version": torch.__version__,
+            "python": platform.python_version(),
+            "device": str(device),
+            "seed": cfg.run.seed,
+            "data_fingerprint": dataset.fingerprint(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        atomic_write_text(run_path / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    log = RunLog(run_path / METRICS)
+
+    x_train = dataset.x_train.to(device)
+    y_train = dataset.y_train.to(device)
+    g = torch.Generator().manual_seed(cfg.eval.seed)
+    eval_idx = torch.randperm(len(dataset.y_test), generator=g)[: cfg.eval.n].sort().values
+    x_eval, y_eval = to_unit(dataset.x_test[eval_idx]).to(device), dataset.y_test[eval_idx].to(device)
+    n_train, batch_size = len(y_train), cfg.data.batch_size
+    per_epoch = steps_per_epoch(n_train, batch_size)
+    total_steps = per_epoch * cfg.schedule.epochs
+    meta = model_metadata(cfg.model.name, model_params, dataset=cfg.data.name,
+                          method=f"{cfg.method.perturbation}+{cfg.method.loss}",
+                          plugin=registry.get("model", cfg.model.name).plugin,
+                          extra={"epsilon": cfg.method.epsilon, "eval_eps": cfg.eval.eps,
+                                 "eval_step_size": cfg.eval.step_size, "run": run_path.name})
+
+    def checkpoint(epoch: int, step: int) -> ev.Event:
+        state = {"epoch": epoch, "step": step, "global_step": global_step, "bad_steps": bad_total}
+        path = save_checkpoint(run_path / CHECKPOINT, model, optimizer, state)
+        return log.write(ev.CheckpointSaved(str(path), epoch, step, global_step))
+
+    def live_eval(epoch: int) -> ev.Event:
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.eval.seed)
+            report = evaluate(net, x_eval, y_eval, list(cfg.eval.attacks), batch_size=cfg.eval.batch_size,
+                              defaults={"eps": cfg.eval.eps, "step_size": cfg.eval.step_size})
+        return log.write(ev.EvalResult(epoch, report.n, report.accuracy, report.gap, report.flags,
+                                       time.perf_counter() - t0))
+
+    bad_total = 0
+    yield log.write(ev.RunStarted(str(run_path), str(device), cfg.schedule.epochs, per_epoch,
+                                  start_epoch, start_step, resumed, resolved_tables(cfg)))
+    t_start = time.perf_counter()
+    steps_done_here = 0
+    stopped = False
+    try:
+        for epoch in range(start_epoch, cfg.schedule.epochs):
+            lr = lr_at(cfg, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            order = epoch_order(n_train, cfg.run.seed, epoch).to(device)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen, bad_epoch = 0, 0
+            window_t, window_n = time.perf_counter(), 0
+            t_epoch = time.perf_counter()
+            for step, idx in iterate_batches(order, batch_size, start_step):
+                # -- one training step --------------------------------------------------
+                xb = x_train[idx]
+                yb = y_train[idx]
+                if augment == "crop-flip":
+                    xb = augment_crop_flip(xb, batch_generator(cfg.run.seed, epoch, step, device))
+                xb = to_unit(xb)
+                if cfg.run.channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                loss, logits, applied = training_step(net, perturb, optimizer, scaler, xb, yb, smoothing,
+                                                      cfg.run.precision)
+                if not applied:
+                    bad_epoch += 1
+                    bad_total += 1
+                    yield log.write(ev.Warning(
+                        f"non-finite loss at epoch {epoch + 1} step {step + 1}: batch skipped "
+                        f"({bad_total} so far)", global_step))
+                    if bad_total > cfg.run.max_bad_steps:
+                        raise TrainingAborted(
+                            f"{bad_total} non-finite steps (limit run.max_bad_steps="
+                            f"{cfg.run.max_bad_steps}): lower optim.lr or method.epsilon, or use "
+                            f"run.precision=fp32; the last good checkpoint is in {run_path}"
+                        )
+                else:
+                    loss_sum += loss * len(yb)
+                    correct += (logits.argmax(1) == yb).sum()
+                    seen += len(yb)
+                global_step += 1
+                steps_done_here += 1
+                window_n += len(yb)
+                # -- reporting, checkpoints and requests, every few steps ---------------
+                last = step == per_epoch - 1
+                if global_step % cfg.run.log_every == 0 or last:
+                    now = time.perf_counter()
+                    rate = window_n / max(now - window_t, 1e-9)
+                    per_step = (now - t_start) / steps_done_here
+                    yield log.write(ev.StepEnd(
+                        epoch, step, global_step, total_steps, float(loss),
+                        float(correct) / max(seen, 1), lr, rate, per_step * (total_steps - global_step)))
+                    window_t, window_n = now, 0
+                if (cfg.run.checkpoint_every and global_step % cfg.run.checkpoint_every == 0 and not last) \
+                        or control.checkpoint_now.is_set():
+                    control.checkpoint_now.clear()
+                    yield checkpoint(epoch, step + 1) if not last else checkpoint(epoch + 1, 0)
+                if control.evaluate_now.is_set():
+                    control.evaluate_now.clear()
+                    yield live_eval(epoch)
+                while control.pause.is_set() and not control.stop.is_set():
+                    time.sleep(0.05)
+                if control.stop.is_set() and not last:
+                    yield checkpoint(epoch, step + 1)
+                    stopped = True
+                    break
+            if stopped:
+                break
+            start_step = 0
+            yield log.write(ev.EpochEnd(epoch, float(loss_sum) / max(seen, 1), float(correct) / max(seen, 1),
+                                        lr, time.perf_counter() - t_epoch, bad_epoch))
+            if cfg.eval.n > 0 and ((epoch + 1) % cfg.eval.every == 0
+                                                            or epoch + 1 == cfg.schedule.epochs):
+                yield live_eval(epoch)
+            yield checkpoint(epoch + 1, 0)
+            if control.stop.is_set():
+                stopped = epoch + 1 < cfg.schedule.epochs
+                break
+        model_path = save_model(run_path / MODEL, model, meta)
+        yield log.write(ev.Finished(str(model_path), str(run_path), time.perf_counter() - t_start, stopped))
+    finally:
+        log.close()
