@@ -254,6 +254,19 @@ def bench(
         show_bench(console, figures)
 
 
+# -- tui -----------------------------------------------------------------------------------
+
+@app.command()
+@friendly
+def tui(
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs live."),
+) -> None:
+    """Open the Textual interface: runs, new run, live dashboard, evaluate, compare, plugins."""
+    from fsapp.tui.app import run_tui
+
+    run_tui(runs_dir)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
