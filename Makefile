@@ -26,7 +26,7 @@ run: install
 
 test: dev
 	$(VENV)/bin/ruff check fsapp plugins tests
-	$(PY) -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
 
 test-fast: dev
 	$(PY) -m pytest -q -m "not slow"

@@ -7,7 +7,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,9 +58,3 @@ def tiny_digits_config():
         return tables
 
     return make
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(2)
-    yield

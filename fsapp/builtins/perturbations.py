@@ -1,0 +1,285 @@
+"""Training-time perturbations: ``perturb(model, x, y) -> x_adv``.
+
+Every perturbation puts the model in eval mode and restores each module's mode afterwards (also
+on exceptions), differentiates with respect to the input only (parameters' ``.grad`` are never
+touched), and returns ``x_adv`` detached, inside the L-inf eps-ball around ``x`` and in [0, 1].
+
+``feature-scatter`` is the lean form of the reference step (REFERENCE.md): one clean forward
+without gradient, one random start drawn as a single ``torch.empty_like(x).uniform_(-eps, eps)``
+from the default generator, then per step one forward/backward w.r.t. the input of the feature
+scattering loss ``sum(T * C)`` with the plan ``T`` of the configured solver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fsapp.hookspecs import hookimpl
+from fsapp.losses import cost_matrix
+
+Solver = Callable[[torch.Tensor], torch.Tensor]
+
+__all__ = [
+    "FeatureScatter",
+    "FeatureScatterParams",
+    "RandomParams",
+    "SupervisedParams",
+    "eval_mode",
+    "feature_scatter_step",
+    "input_grad_mode",
+    "project_linf",
+    "random_start",
+    "scatter_loss",
+    "supervised_pgd",
+]
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode; restore every module's own ``training`` flag on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
+def input_grad_mode() -> Iterator[None]:
+    """Enable autograd even under ``torch.no_grad()`` or ``torch.inference_mode()``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``clamp(x + clamp(x_adv - x, -eps, eps), 0, 1)``: back into the eps-ball and [0, 1]."""
+    return torch.clamp(x + torch.clamp(x_adv - x, min=-eps, max=eps), min=0.0, max=1.0)
+
+
+def random_start(x: torch.Tensor, eps: float, clamp: bool = True) -> torch.Tensor:
+    """``x + U(-eps, eps)``: ONE ``empty_like(x).uniform_`` draw from the default generator."""
+    x0 = x + torch.empty_like(x).uniform_(-eps, eps)
+    return x0.clamp(0.0, 1.0) if clamp else x0
+
+
+def _check_ball(name: str, epsilon: float, step_size: float, steps: int) -> None:
+    if not (epsilon >= 0 and math.isfinite(epsilon)):
+        raise ValueError(f"{name} must be >= 0, got {epsilon}")
+    if not (step_size >= 0 and math.isfinite(step_size)):
+        raise ValueError(f"step_size must be >= 0, got {step_size}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+
+
+# --------------------------------------------------------------------------- feature scattering
+
+
+def scatter_loss(z_clean: torch.Tensor, z_adv: torch.Tensor, solver: Solver) -> torch.Tensor:
+    """The feature scattering loss ``D = sum(T * C)`` with ``C = cost_matrix(z_clean, z_adv)``.
+
+    ``C`` is float32 (float64 for float64 inputs); ``T = solver(C)`` may keep its graph.
+    """
+    C = cost_matrix(z_clean, z_adv)
+    T = solver(C)
+    return (T * C).sum()
+
+
+def feature_scatter_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    solver: Solver,
+    epsilon: float = 8 / 255,
+    step_size: float = 8 / 255,
+    steps: int = 1,
+    clamp_start: bool = False,
+) -> torch.Tensor:
+    """Feature scattering adversary in the model's CURRENT mode (callers use :func:`eval_mode`).
+
+    ``z = f(x)`` without gradient; ``x0 = x + U(-eps, eps)`` (one default-generator draw, not
+    clamped unless ``clamp_start``); per step ``g = d sum(T*C) / d x_cur`` and
+    ``x_next = clamp(x + clamp(x_cur + step * sign(g) - x, -eps, eps), 0, 1)``. Only the input
+    gradient is computed; the result is detached.
+    """
+    x = x.detach()
+    with input_grad_mode():
+        with torch.no_grad():
+            z_clean = model(x)
+        x_cur = random_start(x, epsilon, clamp=clamp_start)
+        for _ in range(steps):
+            x_cur = x_cur.detach().requires_grad_(True)
+            loss = scatter_loss(z_clean, model(x_cur), solver)
+            (grad,) = torch.autograd.grad(loss, x_cur)
+            x_cur = project_linf(x_cur.detach() + step_size * grad.sign(), x, epsilon)
+        return project_linf(x_cur.detach(), x, epsilon)
+
+
+@dataclass
+class FeatureScatterParams:
+    """Feature scattering (paper defaults: eps 8/255, step 8/255, 1 step, faithful Sinkhorn).
+
+    ``solver`` is a solver spec; inside a spec string separate the solver's own parameters with
+    ``;`` (``feature-scatter:solver=sinkhorn:mode=converged;max_iter=500``).
+    """
+
+    epsilon: float = 8 / 255
+    step_size: float = 8 / 255
+    steps: int = 1
+    solver: str = "sinkhorn"
+    clamp_start: bool = False
+
+    def __post_init__(self) -> None:
+        _check_ball("epsilon", self.epsilon, self.step_size, self.steps)
+        if not self.solver.strip():
+            raise ValueError("solver must be a solver spec like 'sinkhorn' or 'ipot:iters=50'")
+
+
+class FeatureScatter:
+    """The ``feature-scatter`` perturbation; ``solver`` is any ``cost -> plan`` callable."""
+
+    def __init__(self, params: FeatureScatterParams, solver: Solver) -> None:
+        self.params = params
+        self.solver = solver
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        p = self.params
+        with eval_mode(model):
+            return feature_scatter_step(
+                model, x, self.solver, p.epsilon, p.step_size, p.steps, p.clamp_start
+            )
+
+    def __repr__(self) -> str:
+        return f"FeatureScatter({self.params}, solver={self.solver!r})"
+
+
+def _make_feature_scatter(params: FeatureScatterParams) -> FeatureScatter:
+    from fsapp.plugins import get_registry
+
+    return FeatureScatter(params, get_registry().create("solver", params.solver.replace(";", ",")))
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def supervised_pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epsilon: float = 8 / 255,
+    step_size: float = 2 / 255,
+    steps: int = 7,
+    start: bool = True,
+) -> torch.Tensor:
+    """PGD on the cross-entropy with the true labels (Madry et al.), in the model's current mode."""
+    x = x.detach()
+    y = y.detach()
+    with input_grad_mode():
+        x_cur = random_start(x, epsilon) if start else x.clone()
+        for _ in range(steps):
+            x_cur = x_cur.detach().requires_grad_(True)
+            logits = model(x_cur)
+            loss = F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, y)
+            (grad,) = torch.autograd.grad(loss, x_cur)
+            x_cur = project_linf(x_cur.detach() + step_size * grad.sign(), x, epsilon)
+        return x_cur.detach()
+
+
+@dataclass
+class SupervisedParams:
+    """PGD-k on cross-entropy with true labels (Madry: eps 8/255, step 2/255, 7 steps)."""
+
+    epsilon: float = 8 / 255
+    step_size: float = 2 / 255
+    steps: int = 7
+    random_start: bool = True
+
+    def __post_init__(self) -> None:
+        _check_ball("epsilon", self.epsilon, self.step_size, self.steps)
+
+
+class Supervised:
+    """The ``supervised`` perturbation."""
+
+    def __init__(self, params: SupervisedParams) -> None:
+        self.params = params
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        with eval_mode(model):
+            return supervised_pgd(model, x, y, p.epsilon, p.step_size, p.steps, p.random_start)
+
+    def __repr__(self) -> str:
+        return f"Supervised({self.params})"
+
+
+@dataclass
+class RandomParams:
+    """Uniform noise in the eps-ball, no gradient."""
+
+    epsilon: float = 8 / 255
+
+    def __post_init__(self) -> None:
+        if not (self.epsilon >= 0 and math.isfinite(self.epsilon)):
+            raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
+
+
+class RandomNoise:
+    """The ``random`` perturbation: ``clamp(x + U(-eps, eps), 0, 1)``."""
+
+    def __init__(self, params: RandomParams) -> None:
+        self.params = params
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            return random_start(x.detach(), self.params.epsilon).detach()
+
+    def __repr__(self) -> str:
+        return f"RandomNoise({self.params})"
+
+
+def _no_perturbation(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The ``none`` perturbation: clean training."""
+    return x.detach()
+
+
+@hookimpl
+def register_perturbations(register) -> None:  # noqa: ANN001 - the hook's register callback
+    """Register the built-in training-time perturbations."""
+    from fsapp.registry import NoParams
+
+    register(
+        "feature-scatter",
+        _make_feature_scatter,
+        params=FeatureScatterParams,
+        description="feature scattering: ascend the OT distance between clean and perturbed "
+        "logits (Zhang & Wang 2019)",
+    )
+    register(
+        "supervised",
+        Supervised,
+        params=SupervisedParams,
+        description="PGD on cross-entropy with the true labels (Madry et al. 2018)",
+    )
+    register(
+        "random", RandomNoise, params=RandomParams, description="uniform noise in the eps-ball"
+    )
+    register(
+        "none", lambda params: _no_perturbation, params=NoParams, description="no perturbation"
+    )
