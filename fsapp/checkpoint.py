@@ -14,6 +14,7 @@ import json
 import os
 import struct
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ CHECKPOINT_FORMAT = "fsapp-checkpoint"
 FORMAT_VERSION = "1"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 REQUIRED_MODEL_META = ("format", "format_version", "model", "model_params", "num_classes", "input_shape")
+_SLOW_WRITES = float(os.environ.get("FSAPP_FAULT_SLOW_WRITES", "0") or 0)
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".tar")
 
 
@@ -57,7 +59,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            if _SLOW_WRITES:  # fault injection for the crash tests: widen the window a kill can hit
+                step = max(1, len(data) // 8)
+                for i in range(0, len(data), step):
+                    fh.write(data[i:i + step])
+                    fh.flush()
+                    time.sleep(_SLOW_WRITES / 8)
+            else:
+                fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -88,8 +97,10 @@ def file_sha256(path: str | Path) -> str:
 # Reading safetensors safely ---------------------------------------------------------------
 
 def _refuse_pickle(path: Path, head: bytes) -> None:
+    """Refuse PyTorch zip checkpoints and raw pickles (a safetensors header starts with '{')."""
+    looks_safetensors = head[8:9] == b"{"
     looks_zip = head.startswith(b"PK\x03\x04")
-    looks_pickle = head[:1] == b"\x80" and len(head) > 1 and head[1] in range(2, 6)
+    looks_pickle = head[:1] == b"\x80" and not looks_safetensors
     if looks_zip or looks_pickle or path.suffix.lower() in PICKLE_SUFFIXES:
         raise UsageError(
             f"{path}: looks like a PyTorch/pickle checkpoint; fsapp never unpickles files (they can run "
@@ -104,8 +115,10 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
-            head = fh.read(8)
+            head = fh.read(9)
             _refuse_pickle(path, head)
+            fh.seek(8)
+            head = head[:8]
             if len(head) < 8:
                 raise UsageError(f"{path}: not a safetensors file (too short: {size} bytes)")
             (header_len,) = struct.unpack("<Q", head)

@@ -121,7 +121,11 @@ def feature_scatter_step(
             x_cur = x_cur.detach().requires_grad_(True)
             loss = scatter_loss(z_clean, model(x_cur), solver)
             (grad,) = torch.autograd.grad(loss, x_cur)
-            x_cur = project_linf(x_cur.detach() + step_size * grad.sign(), x, epsilon)
+            # A non-finite cost or plan poisons the batch (x + NaN) instead of silently giving a
+            # zero step (sign(NaN) is 0), so the training loop sees a non-finite loss and skips it.
+            # For a finite loss this adds exactly 0 and costs no host sync.
+            poison = loss.detach() - loss.detach()
+            x_cur = project_linf(x_cur.detach() + step_size * grad.sign(), x, epsilon) + poison
         return project_linf(x_cur.detach(), x, epsilon)
 
 

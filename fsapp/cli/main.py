@@ -254,6 +254,24 @@ def bench(
         show_bench(console, figures)
 
 
+# -- import-checkpoint ---------------------------------------------------------------------
+
+@app.command("import-checkpoint")
+@friendly
+def import_checkpoint(
+    source: Path = typer.Argument(..., metavar="FILE", help="A third-party PyTorch checkpoint."),
+    fmt: str = typer.Option(..., "--format", help="Its layout: featurescatter (the authors' release)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Model file to write (default FILE.safetensors)."),
+    dataset: str = typer.Option("cifar10", "--dataset", help="Dataset the model was trained on."),
+    trust: bool = typer.Option(False, "--trust", help="Confirm you trust FILE (it is a pickle)."),
+) -> None:
+    """Convert a trusted PyTorch checkpoint into an fsapp safetensors model file."""
+    from fsapp.importers import import_checkpoint as convert
+
+    path = convert(source, fmt, out or source.with_suffix(".safetensors"), trust=trust, dataset=dataset)
+    console.print(f"wrote {path}; evaluate it with: fsapp eval {path} --suite autoattack", highlight=False)
+
+
 # -- tui -----------------------------------------------------------------------------------
 
 @app.command()

@@ -31,7 +31,10 @@ from fsapp.data import augment_crop_flip, batch_generator, epoch_order, iterate_
 from fsapp.engine import events as ev
 from fsapp.engine.evaluate import evaluate
 from fsapp.engine.step import training_step
+from fsapp.engine.guard import GuardedPerturbation
 from fsapp.errors import TrainingAborted, UsageError
+from fsapp.plugins import BUILTIN_PLUGIN
+from fsapp.runlock import RunLock
 from fsapp.plugins import get_registry
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -123,8 +126,6 @@ def train(
     else:
         cfg = as_config(config)
         run_path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-        if (run_path / CHECKPOINT).exists():
-            raise UsageError(f"{run_path} already holds a run; resume it with --resume {run_path}")
     device = pick_device(cfg.run.device)
     registry = get_registry()
 
@@ -139,18 +140,37 @@ def train(
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if cfg.run.compile else model
     perturb = registry.create("perturbation", cfg.method.perturbation, **cfg.perturbation_params())
+    pert_plugin = registry.get("perturbation", cfg.method.perturbation).plugin
+    if pert_plugin != BUILTIN_PLUGIN:
+        eps = cfg.perturbation_params().get("epsilon")
+        perturb = GuardedPerturbation(perturb, eps, cfg.method.perturbation, pert_plugin)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.precision == "fp16")
-    smoothing = cfg.method.label_smoothing if cfg.method.loss == "soft-ce" else 0.0
-    augment = cfg.data.augment if cfg.data.augment != "auto" else dataset.augment
 
     try:
         run_path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create run directory {run_path}: {exc.strerror}") from None
+    lock = RunLock.acquire(run_path)
+    try:
+        yield from _train(cfg, run_path, resume is not None, control, device, dataset, model, net, perturb,
+                          optimizer, scaler, model_params)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, run_path: Path, resuming: bool, control: Control, device: torch.device, dataset: Any,
+           model: torch.nn.Module, net: Any, perturb: Any, optimizer: torch.optim.Optimizer,
+           scaler: torch.amp.GradScaler, model_params: dict[str, Any]) -> Iterator[ev.Event]:
+    """The loop proper, run while holding the run directory's lock."""
+    registry = get_registry()
+    smoothing = cfg.method.label_smoothing if cfg.method.loss == "soft-ce" else 0.0
+    augment = cfg.data.augment if cfg.data.augment != "auto" else dataset.augment
+    if not resuming and ((run_path / CHECKPOINT).exists() or (run_path / "config.toml").exists()):
+        raise UsageError(f"{run_path} already holds a run; resume it with --resume {run_path}")
     start_epoch, start_step, global_step = 0, 0, 0
-    resumed = resume is not None and (run_path / CHECKPOINT).exists()
+    resumed = resuming and (run_path / CHECKPOINT).exists()
     if resumed:
         state = restore_checkpoint(run_path / CHECKPOINT, model, optimizer)
         start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
@@ -186,7 +206,13 @@ def train(
 
     def checkpoint(epoch: int, step: int) -> ev.Event:
         state = {"epoch": epoch, "step": step, "global_step": global_step, "bad_steps": bad_total}
-        path = save_checkpoint(run_path / CHECKPOINT, model, optimizer, state)
+        try:
+            path = save_checkpoint(run_path / CHECKPOINT, model, optimizer, state)
+        except OSError as exc:
+            raise TrainingAborted(
+                f"could not write the checkpoint in {run_path} ({exc.strerror or exc}); the previous "
+                "checkpoint is intact: free space and resume with --resume"
+            ) from None
         return log.write(ev.CheckpointSaved(str(path), epoch, step, global_step))
 
     def live_eval(epoch: int) -> ev.Event:
@@ -255,6 +281,11 @@ def train(
                         epoch, step, global_step, total_steps, float(loss),
                         float(correct) / max(seen, 1), lr, rate, per_step * (total_steps - global_step)))
                     window_t, window_n = now, 0
+                    if isinstance(perturb, GuardedPerturbation) and (n_bad := perturb.take_violations()):
+                        yield log.write(ev.Warning(
+                            f"perturbation '{perturb.name}' from plugin '{perturb.plugin}' returned {n_bad} "
+                            "examples outside the eps-ball, [0, 1] or non-finite; they were projected",
+                            global_step))
                 if (cfg.run.checkpoint_every and global_step % cfg.run.checkpoint_every == 0 and not last) \
                         or control.checkpoint_now.is_set():
                     control.checkpoint_now.clear()
