@@ -153,6 +153,8 @@ def train(
     except OSError as exc:
         raise UsageError(f"cannot create run directory {run_path}: {exc.strerror}") from None
     lock = RunLock.acquire(run_path)
+    for stale in run_path.glob(".*.tmp"):  # temp files of a writer that was killed mid-write
+        stale.unlink(missing_ok=True)
     try:
         yield from _train(cfg, run_path, resume is not None, control, device, dataset, model, net, perturb,
                           optimizer, scaler, model_params)
