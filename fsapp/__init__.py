@@ -13,7 +13,8 @@ The core imports none of typer, rich or textual.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from fsapp.hookspecs import hookimpl
 

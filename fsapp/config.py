@@ -534,6 +534,13 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
+def dataset_param_names(name: str) -> set[str]:
+    """The parameter names of dataset ``name`` (UsageError if unknown)."""
+    from fsapp.plugins import get_registry
+
+    return set(_section_fields(get_registry().get("dataset", name).params))
+
+
 def describe_keys() -> dict[str, dict[str, str]]:
     """Fixed section keys and their types (for help text and forms)."""
     return {t: {k: type_name(tp) for k, tp in _section_fields(c).items()} for t, c in SECTIONS.items()}

@@ -26,7 +26,7 @@ What each kind's factory must return:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pluggy
 

@@ -12,9 +12,10 @@ import dataclasses
 import importlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 
@@ -32,6 +33,7 @@ BUILTIN_MODULES = (
     "fsapp.builtins.solvers",
     "fsapp.builtins.perturbations",
     "fsapp.builtins.attacks",
+    "fsapp.builtins.autoattack",
 )
 HOOKS = {
     "model": "register_models",

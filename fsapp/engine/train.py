@@ -27,15 +27,21 @@ from fsapp.checkpoint import (
     save_model,
 )
 from fsapp.config import Config, from_tables, load, resolved_tables, to_toml
-from fsapp.data import augment_crop_flip, batch_generator, epoch_order, iterate_batches, steps_per_epoch, to_unit
+from fsapp.data import (
+    augment_crop_flip,
+    batch_generator,
+    epoch_order,
+    iterate_batches,
+    steps_per_epoch,
+    to_unit,
+)
 from fsapp.engine import events as ev
 from fsapp.engine.evaluate import evaluate
-from fsapp.engine.step import training_step
 from fsapp.engine.guard import GuardedPerturbation
+from fsapp.engine.step import training_step
 from fsapp.errors import TrainingAborted, UsageError
-from fsapp.plugins import BUILTIN_PLUGIN
+from fsapp.plugins import BUILTIN_PLUGIN, get_registry
 from fsapp.runlock import RunLock
-from fsapp.plugins import get_registry
 
 CHECKPOINT = "checkpoint.safetensors"
 MODEL = "model.safetensors"
