@@ -1,0 +1,62 @@
+"""The help screen: every screen's keys (read from their bindings), the palette, the files."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Markdown
+
+INTRO = """\
+# fsapp keys
+
+Everywhere: **?** help · **ctrl+p** command palette (every action is there) · **ctrl+t**
+light/dark theme · **escape** back · **q** quit (while a run trains it asks, then stops the run
+with a checkpoint so it can be resumed).
+"""
+
+OUTRO = """
+The New-run form is checked as you type by the CLI's own code: the line under it shows what
+`fsapp train --preset P --set ...` would say; *more --set* takes extra `section.key=value` items.
+Runs started with `fsapp train` elsewhere appear on the Runs screen and their dashboard follows
+`metrics.jsonl`. Evaluation reports go to `eval/` next to the model file, as with `fsapp eval`.
+"""
+
+
+def _key(binding: Binding) -> str:
+    return binding.key_display or binding.key.split(",")[0]
+
+
+def keys_markdown(title: str, screen: type[Screen[object]]) -> str:
+    """One line per screen: its shown bindings as ``key`` description pairs."""
+    items = [f"**{_key(b)}** {b.tooltip or b.description.lower()}" for b in screen.BINDINGS
+             if isinstance(b, Binding) and b.show and b.description]
+    return f"- **{title}**: " + " · ".join(items)
+
+
+def help_markdown() -> str:
+    """The whole help text."""
+    from fsapp.tui.compare import CompareScreen
+    from fsapp.tui.dashboard import DashboardScreen
+    from fsapp.tui.evalscreen import EvaluateScreen
+    from fsapp.tui.home import HomeScreen
+    from fsapp.tui.newrun import NewRunScreen
+    from fsapp.tui.pluginscreen import PluginsScreen
+
+    screens = [("Runs", HomeScreen), ("Dashboard", DashboardScreen), ("New run", NewRunScreen),
+               ("Evaluate", EvaluateScreen), ("Compare", CompareScreen), ("Plugins", PluginsScreen)]
+    lines = [keys_markdown(title, cls) for title, cls in screens]
+    extra = ("- On the Runs screen **enter** opens a run. In the dashboard's robustness table a row "
+             "marked * comes from *evaluate now*; EVALUATION.md flags and a CE−margin gap above 5% are red.")
+    return INTRO + "\n" + "\n".join(lines + [extra]) + "\n" + OUTRO
+
+
+class HelpScreen(ModalScreen[None]):
+    """Keys of every screen."""
+
+    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close")]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help"):
+            yield Markdown(help_markdown())

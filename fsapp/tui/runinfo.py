@@ -1,0 +1,331 @@
+"""Run directories as data: follow ``metrics.jsonl``, fold events into state, summarise runs.
+
+Nothing here imports Textual or torch, so it is quick to test and safe to call on a timer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fsapp.engine import events as ev
+
+METRICS = "metrics.jsonl"
+CONFIG = "config.toml"
+MANIFEST = "manifest.json"
+CHECKPOINT = "checkpoint.safetensors"
+MODEL = "model.safetensors"
+STALE_SECONDS = 300.0
+"""A run with no Finished event whose log grew this recently counts as running."""
+
+
+class Follower:
+    """Reads the events appended to a ``metrics.jsonl`` since the last call.
+
+    A partial last line waits for its newline; a malformed line is skipped; a file that
+    shrank (rewritten) starts over and sets ``restarted``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+        self.restarted = False
+
+    def read(self) -> list[ev.Event]:
+        """New complete events (possibly none)."""
+        self.restarted = False
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return []
+        if size < self.offset:
+            self.offset, self.partial, self.restarted = 0, b"", True
+        if size == self.offset:
+            return []
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read(size - self.offset)
+        except OSError:
+            return []
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        out: list[ev.Event] = []
+        for line in lines:
+            if line.strip():
+                try:
+                    out.append(ev.from_dict(json.loads(line)))
+                except (ValueError, KeyError, TypeError):
+                    continue
+        return out
+
+
+@dataclass
+class RunState:
+    """Everything the dashboard shows, folded from a run's events in order."""
+
+    started: ev.RunStarted | None = None
+    steps: list[ev.StepEnd] = field(default_factory=list)
+    epochs: list[ev.EpochEnd] = field(default_factory=list)
+    evals: list[ev.EvalResult] = field(default_factory=list)
+    checkpoint: ev.CheckpointSaved | None = None
+    warnings: list[ev.Warning] = field(default_factory=list)
+    finished: ev.Finished | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, event: ev.Event) -> None:
+        """Fold one event in; a resumed RunStarted drops what came after its checkpoint."""
+        self.count += 1
+        if isinstance(event, ev.RunStarted):
+            self.started, self.finished = event, None
+            if event.config:
+                self.config = event.config
+            if event.resumed:
+                self._rewind(event)
+        elif isinstance(event, ev.StepEnd):
+            self.steps.append(event)
+        elif isinstance(event, ev.EpochEnd):
+            self.epochs.append(event)
+        elif isinstance(event, ev.EvalResult):
+            self.evals.append(event)
+        elif isinstance(event, ev.CheckpointSaved):
+            self.checkpoint = event
+        elif isinstance(event, ev.Warning):
+            self.warnings.append(event)
+        elif isinstance(event, ev.Finished):
+            self.finished = event
+
+    def _rewind(self, start: ev.RunStarted) -> None:
+        g = start.start_epoch * start.steps_per_epoch + start.start_step
+        self.steps = [s for s in self.steps if s.global_step <= g]
+        self.epochs = [e for e in self.epochs if e.epoch < start.start_epoch]
+        self.evals = [v for v in self.evals
+                      if v.epoch < start.start_epoch or (v.epoch == start.start_epoch and start.start_step > 0)]
+
+    @property
+    def epochs_total(self) -> int:
+        if self.started is not None:
+            return self.started.epochs
+        return int(self.config.get("schedule", {}).get("epochs", 0) or 0)
+
+    @property
+    def epochs_done(self) -> int:
+        return max((e.epoch + 1 for e in self.epochs), default=0)
+
+    @property
+    def last_step(self) -> ev.StepEnd | None:
+        return self.steps[-1] if self.steps else None
+
+    @property
+    def best_robust(self) -> tuple[float, int] | None:
+        """Best worst-case accuracy and the (0-based) epoch it was seen at."""
+        best: tuple[float, int] | None = None
+        for result in self.evals:
+            value = result.accuracy.get("worst_case")
+            if value is not None and (best is None or value > best[0]):
+                best = (value, result.epoch)
+        return best
+
+    @property
+    def last_eval(self) -> ev.EvalResult | None:
+        return self.evals[-1] if self.evals else None
+
+
+class RunTracker:
+    """A run directory's state kept current by following its ``metrics.jsonl``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.follower = Follower(path / METRICS)
+        self.state = RunState(config=read_config(path))
+
+    def poll(self) -> list[ev.Event]:
+        """Fold in new events; returns them (all of them again if the file was rewritten)."""
+        new = self.follower.read()
+        if self.follower.restarted:
+            self.state = RunState(config=read_config(self.path))
+        for event in new:
+            self.state.add(event)
+        return new
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The run's ``config.toml`` as tables ({} when missing or unreadable)."""
+    try:
+        return tomllib.loads((path / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return {}
+
+
+def lock_state(path: Path) -> bool | None:
+    """Whether a live process holds the run directory's lock (the engine's ``.lock``); None when
+    the run has no lock file (written by an engine that did not lock)."""
+    from fsapp.runlock import LOCK_NAME, RunLock
+
+    if not (path / LOCK_NAME).exists():
+        return None
+    try:
+        return RunLock.is_held(path)
+    except OSError:
+        return None
+
+
+def run_status(path: Path, state: RunState, live: bool = False, now: float | None = None) -> str:
+    """``finished`` (a Finished event, not stopped), ``running`` (trained by this process, or its
+    lock held by a live process, or, for runs without a lock file, no Finished event and a log that
+    grew in the last ``STALE_SECONDS``), else ``interrupted``."""
+    if live:
+        return "running"
+    held = lock_state(path)
+    if held:
+        return "running"
+    if state.finished is not None:
+        return "interrupted" if state.finished.stopped else "finished"
+    if held is False:
+        return "interrupted"
+    try:
+        mtime = (path / METRICS).stat().st_mtime
+    except OSError:
+        return "interrupted"
+    now = time.time() if now is None else now
+    return "running" if now - mtime < STALE_SECONDS else "interrupted"
+
+
+def started_at(path: Path) -> tuple[float, str]:
+    """When the run was created (sort key, display text): the manifest's time, else the files'."""
+    try:
+        created = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["created"]
+        when = datetime.strptime(created, "%Y-%m-%dT%H:%M:%S%z")
+        return when.timestamp(), when.strftime("%Y-%m-%d %H:%M")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for name in (CONFIG, METRICS):
+        try:
+            mtime = (path / name).stat().st_mtime
+            return mtime, time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime))
+        except OSError:
+            continue
+    return 0.0, "?"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One row of the runs table."""
+
+    name: str
+    path: Path
+    method: str
+    dataset: str
+    model: str
+    status: str
+    epochs_done: int
+    epochs_total: int
+    best_robust: float | None
+    when: str
+    sort_key: float
+    resumable: bool
+
+    def matches(self, text: str) -> bool:
+        """Case-insensitive substring filter over the visible columns."""
+        text = text.strip().lower()
+        hay = " ".join((self.name, self.method, self.dataset, self.model, self.status, self.when)).lower()
+        return all(word in hay for word in text.split())
+
+
+def summarise(path: Path, state: RunState, live: bool = False, now: float | None = None,
+              when: tuple[float, str] | None = None) -> RunSummary:
+    """The runs-table row of a tracked run (``when``: its :func:`started_at`, if known)."""
+    cfg = state.config
+    method = cfg.get("method", {})
+    label = str(method.get("perturbation", "?"))
+    status = run_status(path, state, live, now)
+    best = state.best_robust
+    sort_key, when_text = when or started_at(path)
+    return RunSummary(
+        name=path.name, path=path, method=label, dataset=str(cfg.get("data", {}).get("name", "?")),
+        model=str(cfg.get("model", {}).get("name", "?")), status=status, epochs_done=state.epochs_done,
+        epochs_total=state.epochs_total, best_robust=best[0] if best else None, when=when_text,
+        sort_key=sort_key, resumable=status == "interrupted" and (path / CHECKPOINT).is_file(),
+    )
+
+
+class RunIndex:
+    """All run directories under a root, each followed incrementally."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.trackers: dict[Path, RunTracker] = {}
+        self.created: dict[Path, tuple[float, str]] = {}
+
+    def tracker(self, path: Path) -> RunTracker:
+        """The (cached) tracker of one run directory, polled."""
+        tracker = self.trackers.get(path)
+        if tracker is None:
+            tracker = self.trackers[path] = RunTracker(path)
+        elif not tracker.state.config:
+            tracker.state.config = read_config(path)
+        tracker.poll()
+        return tracker
+
+    def scan(self, live: set[Path] | None = None, now: float | None = None) -> list[RunSummary]:
+        """Summaries of every run directory (has a config.toml or metrics.jsonl), newest first."""
+        live = live or set()
+        rows = []
+        try:
+            children = [p for p in self.root.iterdir() if p.is_dir()]
+        except OSError:
+            children = []
+        for path in children:
+            if not ((path / CONFIG).is_file() or (path / METRICS).is_file()):
+                continue
+            if path not in self.created and (path / MANIFEST).is_file():
+                self.created[path] = started_at(path)
+            when = self.created.get(path) or started_at(path)
+            rows.append(summarise(path, self.tracker(path).state, path in live, now, when))
+        rows.sort(key=lambda r: (r.sort_key, r.name), reverse=True)
+        return rows
+
+
+def load_state(path: Path) -> RunState:
+    """A run's full state, read once."""
+    tracker = RunTracker(path)
+    tracker.poll()
+    return tracker.state
+
+
+def flatten(tables: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``."""
+    out: dict[str, Any] = {}
+    for key, value in tables.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_diff(configs: list[dict[str, Any]]) -> list[tuple[str, list[Any]]]:
+    """Keys whose values differ between configs (missing keys count), in first-seen order.
+
+    ``run.name`` and ``run.runs_dir`` are left out: they differ by construction.
+    """
+    flat = [flatten(c) for c in configs]
+    keys: list[str] = []
+    for f in flat:
+        keys.extend(k for k in f if k not in keys)
+    skip = {"run.name", "run.runs_dir"}
+    rows = []
+    for key in keys:
+        values = [f.get(key) for f in flat]
+        if key not in skip and any(v != values[0] for v in values[1:]):
+            rows.append((key, values))
+    return rows
