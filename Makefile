@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-PLUGINS := plugins/fsapp-example
+PLUGINS := plugins/fsapp-example plugins/fsapp-torchattacks
 
 .PHONY: install dev run test test-fast lint bench clean
 

@@ -77,7 +77,7 @@ class Registry:
             who = " and ".join(f"'{p}'" for p in self.duplicates[(kind, name)])
             raise PluginError(f"{kind} '{name}' is registered twice, by {who}; uninstall one")
         if name not in table:
-            raise UsageError(f"unknown {kind} '{name}'; available: {', '.join(sorted(table))}")
+            raise UsageError(f"unknown {kind} {name!r}; available: {', '.join(sorted(table))}")
         return table[name]
 
     def create(self, kind: str, spec: str | Spec, **params: Any) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from fsapp.errors import UsageError
 
+_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 KINDS: tuple[str, ...] = ("model", "dataset", "solver", "perturbation", "attack")
 
 
@@ -198,6 +200,8 @@ def parse_spec(spec: str) -> Spec:
     name = name.strip()
     if not name:
         raise UsageError(f"spec {spec!r} has no component name; expected 'name:key=value,...'")
+    if not _NAME.fullmatch(name):
+        raise UsageError(f"bad component name {name!r} in spec {spec!r}; names use letters, digits, '-', '_', '.'")
     params: dict[str, str] = {}
     if rest.strip():
         for item in rest.split(","):

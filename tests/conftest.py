@@ -21,7 +21,7 @@ def fresh_registry():
 
 
 @pytest.fixture
-def install_plugin(tmp_path, monkeypatch, fresh_registry):
+def install_plugin(tmp_path, fresh_registry, monkeypatch):  # order: the registry resets after sys.path
     """Install a one-module plugin distribution (dist-info with an ``fsapp`` entry point)."""
 
     def install(dist: str, module: str, source: str, entry: str | None = None) -> Path:

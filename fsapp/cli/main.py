@@ -7,7 +7,8 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -98,6 +99,11 @@ def train(
         raise UsageError("give either a config (preset or TOML file) or --preset, not both")
     overrides = list(set_)
     if download:
+        tables, _ = cfgmod.load_tables(config or preset)
+        tables = cfgmod.apply_overrides(tables, overrides)
+        name = tables.get("data", {}).get("name", cfgmod.DataSection.name)
+        if "download" not in cfgmod.dataset_param_names(name):
+            raise UsageError(f"dataset '{name}' cannot be downloaded (it is embedded or generated)")
         overrides.append("data.download=true")
     control = Control.new()
     if resume is not None:
@@ -136,22 +142,37 @@ def train(
 @friendly
 def eval_(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="An fsapp .safetensors model file."),
-    attack: list[str] = typer.Option([], "--attack", "-a", help="Attack spec, e.g. pgd:steps=20 (repeatable)."),
-    n: int = typer.Option(1000, "--n", help="Number of test samples (first n of a seeded order)."),
+    suite: list[str] = typer.Option([], "--suite", help="paper (FGSM, PGD-20/100, CW-20/100), autoattack "
+                                    "(standard AutoAttack) or default (PGD-20, CW-20); repeatable."),
+    attack: list[str] = typer.Option([], "--attack", "-a", help="Attack spec, e.g. pgd:steps=20 (repeatable); "
+                                     "with --source these are crafted on the source model."),
+    n: int = typer.Option(1000, "--n", "-n", help="Number of test samples (first n of a seeded order); under "
+                          "torchrun write -n (torchrun reads --n as one of its own options)."),
     batch_size: int = typer.Option(250, "--batch-size"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seeds the sample order and every attack's random draws."),
     device: str = typer.Option("auto", "--device"),
-    eps: Optional[str] = typer.Option(None, "--eps", help="Default eps for attacks that do not name it (e.g. 8/255)."),
+    eps: Optional[str] = typer.Option(None, "--eps", help="Linf eps of the threat model (e.g. 8/255), and step "
+                                      "eps/4 for attacks that name none; default: the model file's eval eps and step."),
+    sweep: list[str] = typer.Option([], "--sweep", help="Accuracy curve: eps=0:16/255:9 or steps=1,5,10,20,50,100 "
+                                    "(over the --attack specs, default PGD-20 and CW-20); PNG + terminal plot."),
+    source: Optional[Path] = typer.Option(None, "--source", help="Black-box transfer: craft the --attack examples "
+                                          "on this model file and measure them on MODEL."),
     data_root: str = typer.Option("data", "--data-root", help="Where dataset files live."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON report here."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON report here (default: MODEL's eval/)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+    robustbench_json: Optional[Path] = typer.Option(None, "--robustbench-json", help="Also write a RobustBench "
+                                                    "leaderboard entry (runs AutoAttack if not asked)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted evaluation with the same settings."),
+    state: Optional[Path] = typer.Option(None, "--state", help="State file for --resume (default: a hidden file "
+                                         "beside the report)."),
 ) -> None:
-    """Evaluate a saved model on its dataset's test split: clean, each attack, worst case."""
+    """Evaluate a saved model on its dataset's test split: clean, each attack, worst case, flags."""
     from fsapp.cli.evalcmd import run_eval
 
     report = run_eval(model_path, attack, n=n, batch_size=batch_size, seed=seed, device=device, eps=eps,
-                      data_root=data_root, out=out, quiet=as_json, console=err_console)
-    if as_json:
+                      data_root=data_root, out=out, quiet=as_json, console=err_console, suites=suite, sweeps=sweep,
+                      source=source, robustbench_json=robustbench_json, resume=resume, state=state)
+    if as_json and report is not None:
         sys.stdout.write(json.dumps(report) + "\n")
 
 
@@ -240,12 +261,33 @@ def bench(
     model: list[str] = typer.Option([], "--model", help="Model specs (default: small-cnn, wrn:depth=16,widen=4)."),
     batch_size: int = typer.Option(60, "--batch-size"),
     device: str = typer.Option("auto", "--device"),
+    variant: list[str] = typer.Option(
+        [], "--variant", help="Execution options to compare, e.g. fp32, bf16+cl, bf16+cl+compile; 'none' skips "
+        "the table (default: fp32, fp32+cl, bf16, bf16+cl)."),
+    variant_model: list[str] = typer.Option(
+        [], "--variant-model", help="Models of the options table (default: all on CUDA, small-cnn on the CPU)."),
+    compile_: bool = typer.Option(False, "--compile", help="Add a torch.compile row for each variant."),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory per step."),
+    threads: int = typer.Option(0, "--threads", help="Torch intra-op threads (default: torch's choice)."),
 ) -> None:
-    """Time training steps of standard, madry and feature-scatter on the same model and batch."""
-    from fsapp.bench import run_bench
+    """Time training steps of standard, madry and feature-scatter on the same model and batch,
+    then standard and feature-scatter under fp32/bf16, channels-last and (on request) compile."""
+    from dataclasses import replace
 
+    from fsapp.bench import DEFAULT_VARIANTS, Variant, run_bench
+
+    if repeats < 1 or batch_size < 2 or threads < 0:
+        raise UsageError("--repeats must be >= 1, --batch-size >= 2 and --threads >= 0")
+    try:
+        variants = [] if list(variant) == ["none"] else (
+            [Variant.parse(v) for v in variant] if variant else list(DEFAULT_VARIANTS))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if compile_:
+        variants += [replace(v, compile=True) for v in variants if not v.compile]
     figures = run_bench(models=list(model) or None, repeats=repeats, batch_size=batch_size, device=device,
-                        progress=None if as_json else err_console)
+                        progress=None if as_json else err_console, variants=variants,
+                        variant_models=list(variant_model) or None, memory=memory, threads=threads or None)
     if as_json:
         sys.stdout.write(json.dumps(figures, indent=2) + "\n")
     else:
