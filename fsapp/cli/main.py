@@ -6,8 +6,8 @@ import functools
 import json
 import signal
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
