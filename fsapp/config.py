@@ -36,6 +36,7 @@ class RunSection:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
     compile: bool = False
+    sync_bn: bool = False  # SyncBatchNorm across torchrun processes (CUDA only; ignored in one process)
     log_every: int = 10
     checkpoint_every: int = 0
     max_bad_steps: int = 10
@@ -59,6 +60,7 @@ class DataSection:
     batch_size: int = 60
     train_limit: int = 0
     augment: Literal["auto", "none", "crop-flip"] = "auto"
+    on_device: bool = True  # false: keep the uint8 set in (pinned) host memory, move each batch
 
     def __post_init__(self) -> None:
         if self.batch_size < 2:

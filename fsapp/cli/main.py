@@ -269,6 +269,7 @@ def bench(
     compile_: bool = typer.Option(False, "--compile", help="Add a torch.compile row for each variant."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory per step."),
     threads: int = typer.Option(0, "--threads", help="Torch intra-op threads (default: torch's choice)."),
+    evaluation: bool = typer.Option(True, "--eval/--no-eval", help="Also time PGD-20 (vs torchattacks) and AutoAttack."),
 ) -> None:
     """Time training steps of standard, madry and feature-scatter on the same model and batch,
     then standard and feature-scatter under fp32/bf16, channels-last and (on request) compile."""
@@ -287,7 +288,8 @@ def bench(
         variants += [replace(v, compile=True) for v in variants if not v.compile]
     figures = run_bench(models=list(model) or None, repeats=repeats, batch_size=batch_size, device=device,
                         progress=None if as_json else err_console, variants=variants,
-                        variant_models=list(variant_model) or None, memory=memory, threads=threads or None)
+                        variant_models=list(variant_model) or None, memory=memory, threads=threads or None,
+                        evaluation=evaluation)
     if as_json:
         sys.stdout.write(json.dumps(figures, indent=2) + "\n")
     else:

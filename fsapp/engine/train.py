@@ -35,6 +35,7 @@ from fsapp.data import (
     steps_per_epoch,
     to_unit,
 )
+from fsapp.engine import distributed as ddp
 from fsapp.engine import events as ev
 from fsapp.engine.evaluate import evaluate
 from fsapp.engine.guard import GuardedPerturbation
@@ -115,6 +116,19 @@ class RunLog:
         self.fh.close()
 
 
+class NullLog(RunLog):
+    """What ranks other than 0 log to under torchrun: nothing."""
+
+    def __init__(self) -> None:
+        pass
+
+    def write(self, event: ev.Event) -> ev.Event:
+        return event
+
+    def close(self) -> None:
+        pass
+
+
 def train(
     config: Config | dict[str, Any] | str | Path | None = None,
     run_dir: str | Path | None = None,
@@ -133,6 +147,9 @@ def train(
         cfg = as_config(config)
         run_path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     device = pick_device(cfg.run.device)
+    dd = ddp.setup(device)  # torchrun: join the group, take cuda:LOCAL_RANK (identity in one process)
+    device = dd.device
+    run_path = Path(ddp.broadcast_text(str(run_path), dd))  # rank 0's (timestamped) name
     registry = get_registry()
 
     torch.manual_seed(cfg.run.seed)
@@ -144,7 +161,14 @@ def train(
     model = registry.create("model", cfg.model.name, **model_params).to(device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.run.sync_bn and dd.active:
+        if device.type != "cuda":
+            raise UsageError("run.sync_bn needs CUDA devices (torch's SyncBatchNorm); drop it on the CPU")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if dd.rank > 0:  # each rank's share of the batch gets its own random starts
+        torch.manual_seed(cfg.run.seed + 7919 * dd.rank)
     net = torch.compile(model) if cfg.run.compile else model
+    net = ddp.wrap(net, dd)  # the training forward goes through DDP; attacks use ddp.unwrap(net)
     perturb = registry.create("perturbation", cfg.method.perturbation, **cfg.perturbation_params())
     pert_plugin = registry.get("perturbation", cfg.method.perturbation).plugin
     if pert_plugin != BUILTIN_PLUGIN:
@@ -158,31 +182,49 @@ def train(
         run_path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create run directory {run_path}: {exc.strerror}") from None
-    lock = RunLock.acquire(run_path)
-    for stale in run_path.glob(".*.tmp"):  # temp files of a writer that was killed mid-write
+    lock = RunLock.acquire(run_path) if dd.is_main else None  # rank 0 writes the run directory
+    for stale in run_path.glob(".*.tmp") if dd.is_main else ():  # temp files of a killed writer
         stale.unlink(missing_ok=True)
     try:
-        yield from _train(cfg, run_path, resume is not None, control, device, dataset, model, net, perturb,
-                          optimizer, scaler, model_params)
+        events = _train(cfg, run_path, resume is not None, control, device, dataset, model, net, perturb,
+                        optimizer, scaler, model_params, dd)
+        if dd.is_main:
+            yield from events
+        else:  # other ranks train silently (the CLI of every rank would print the same lines)
+            for _ in events:
+                pass
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
+        ddp.shutdown(dd)
 
 
 def _train(cfg: Config, run_path: Path, resuming: bool, control: Control, device: torch.device, dataset: Any,
            model: torch.nn.Module, net: Any, perturb: Any, optimizer: torch.optim.Optimizer,
-           scaler: torch.amp.GradScaler, model_params: dict[str, Any]) -> Iterator[ev.Event]:
+           scaler: torch.amp.GradScaler, model_params: dict[str, Any],
+           dd: ddp.Dist | None = None) -> Iterator[ev.Event]:
     """The loop proper, run while holding the run directory's lock."""
     registry = get_registry()
+    dd = dd or ddp.Dist(device=device)
+    inner = ddp.unwrap(net)  # attacks and evaluation call the local module, never the DDP wrapper
+
+    def attack(_net: Any, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return perturb(inner, xb, yb)
     smoothing = cfg.method.label_smoothing if cfg.method.loss == "soft-ce" else 0.0
     augment = cfg.data.augment if cfg.data.augment != "auto" else dataset.augment
     if not resuming and ((run_path / CHECKPOINT).exists() or (run_path / "config.toml").exists()):
         raise UsageError(f"{run_path} already holds a run; resume it with --resume {run_path}")
+    ddp.barrier(dd)  # every rank has looked before rank 0 writes
     start_epoch, start_step, global_step = 0, 0, 0
     resumed = resuming and (run_path / CHECKPOINT).exists()
     if resumed:
         state = restore_checkpoint(run_path / CHECKPOINT, model, optimizer)
         start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
-    else:
+        if state.get("world_size", 1) != dd.world_size:
+            raise UsageError(f"{run_path} was trained by {state.get('world_size', 1)} process(es); resume it "
+                             f"with the same number (this is {dd.world_size})")
+        ddp.restore_rng(state.get("_extra", {}), dd)
+    elif dd.is_main:
         tables = resolved_tables(cfg)
         atomic_write_text(run_path / "config.toml", to_toml(tables))
         manifest = {
@@ -192,13 +234,16 @@ def _train(cfg: Config, run_path: Path, resuming: bool, control: Control, device
             "python": platform.python_version(),
             "device": str(device),
             "seed": cfg.run.seed,
+            "world_size": dd.world_size,
             "data_fingerprint": dataset.fingerprint(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         atomic_write_text(run_path / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    log = RunLog(run_path / METRICS)
+    log = RunLog(run_path / METRICS) if dd.is_main else NullLog()
 
-    x_train = dataset.x_train.to(device)
+    # the uint8 set on the device (augmented there), or in host memory, one batch moved per step
+    on_device = cfg.data.on_device
+    x_train = dataset.x_train.to(device) if on_device else dataset.x_train
     y_train = dataset.y_train.to(device)
     g = torch.Generator().manual_seed(cfg.eval.seed)
     eval_idx = torch.randperm(len(dataset.y_test), generator=g)[: cfg.eval.n].sort().values
@@ -213,9 +258,12 @@ def _train(cfg: Config, run_path: Path, resuming: bool, control: Control, device
                                  "eval_step_size": cfg.eval.step_size, "run": run_path.name})
 
     def checkpoint(epoch: int, step: int) -> ev.Event:
-        state = {"epoch": epoch, "step": step, "global_step": global_step, "bad_steps": bad_total}
+        state = {"epoch": epoch, "step": step, "global_step": global_step, "bad_steps": bad_total,
+                 "world_size": dd.world_size}
+        extra = ddp.rng_state_tensors(dd)  # every rank's RNG state (a collective: all ranks call it)
         try:
-            path = save_checkpoint(run_path / CHECKPOINT, model, optimizer, state)
+            path = save_checkpoint(run_path / CHECKPOINT, model, optimizer, state, extra) if dd.is_main \
+                else run_path / CHECKPOINT
         except OSError as exc:
             raise TrainingAborted(
                 f"could not write the checkpoint in {run_path} ({exc.strerror or exc}); the previous "
@@ -224,13 +272,20 @@ def _train(cfg: Config, run_path: Path, resuming: bool, control: Control, device
         return log.write(ev.CheckpointSaved(str(path), epoch, step, global_step))
 
     def live_eval(epoch: int) -> ev.Event:
+        # the same evaluator as ``fsapp eval`` (it seeds each batch from eval.seed and leaves the
+        # training RNG untouched); standard AutoAttack on the first eval.autoattack_n samples
         t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(cfg.eval.seed)
-            report = evaluate(net, x_eval, y_eval, list(cfg.eval.attacks), batch_size=cfg.eval.batch_size,
-                              defaults={"eps": cfg.eval.eps, "step_size": cfg.eval.step_size})
-        return log.write(ev.EvalResult(epoch, report.n, report.accuracy, report.gap, report.flags,
-                                       time.perf_counter() - t0))
+        defaults = {"eps": cfg.eval.eps, "step_size": cfg.eval.step_size}
+        report = evaluate(inner, x_eval, y_eval, list(cfg.eval.attacks), batch_size=cfg.eval.batch_size,
+                          defaults=defaults, seed=cfg.eval.seed, shard=dd.active)
+        accuracy, flags = dict(report.accuracy), list(report.flags)
+        if cfg.eval.autoattack_n > 0:
+            k = min(cfg.eval.autoattack_n, len(y_eval))
+            aa = evaluate(inner, x_eval[:k], y_eval[:k], ["autoattack"], batch_size=cfg.eval.batch_size,
+                          defaults=defaults, seed=cfg.eval.seed, checks=False, shard=dd.active)
+            accuracy["autoattack"] = aa.accuracy["autoattack"]
+            flags += [f for f in aa.flags if f not in flags]
+        return log.write(ev.EvalResult(epoch, report.n, accuracy, report.gap, flags, time.perf_counter() - t0))
 
     bad_total = 0
     yield log.write(ev.RunStarted(str(run_path), str(device), cfg.schedule.epochs, per_epoch,
@@ -243,7 +298,8 @@ def _train(cfg: Config, run_path: Path, resuming: bool, control: Control, device
             lr = lr_at(cfg, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            order = epoch_order(n_train, cfg.run.seed, epoch).to(device)
+            order_host = epoch_order(n_train, cfg.run.seed, epoch)
+            order = order_host.to(device)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen, bad_epoch = 0, 0
@@ -251,15 +307,22 @@ def _train(cfg: Config, run_path: Path, resuming: bool, control: Control, device
             t_epoch = time.perf_counter()
             for step, idx in iterate_batches(order, batch_size, start_step):
                 # -- one training step --------------------------------------------------
-                xb = x_train[idx]
+                if on_device:
+                    xb = x_train[idx]
+                else:
+                    xb = x_train[order_host[step * batch_size:(step + 1) * batch_size]]
+                    xb = xb.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else xb
                 yb = y_train[idx]
                 if augment == "crop-flip":
                     xb = augment_crop_flip(xb, batch_generator(cfg.run.seed, epoch, step, device))
                 xb = to_unit(xb)
                 if cfg.run.channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
-                loss, logits, applied = training_step(net, perturb, optimizer, scaler, xb, yb, smoothing,
-                                                      cfg.run.precision)
+                if dd.active:  # this rank's share of the global batch, rank 0's BatchNorm statistics
+                    xb, yb = ddp.shard_rows(xb, dd), ddp.shard_rows(yb, dd)
+                    ddp.broadcast_buffers(inner, dd)
+                loss, logits, applied = training_step(net, attack if dd.active else perturb, optimizer, scaler,
+                                                      xb, yb, smoothing, cfg.run.precision)
                 if not applied:
                     bad_epoch += 1
                     bad_total += 1
@@ -278,7 +341,7 @@ def _train(cfg: Config, run_path: Path, resuming: bool, control: Control, device
                     seen += len(yb)
                 global_step += 1
                 steps_done_here += 1
-                window_n += len(yb)
+                window_n += len(idx)
                 # -- reporting, checkpoints and requests, every few steps ---------------
                 last = step == per_epoch - 1
                 if global_step % cfg.run.log_every == 0 or last:
@@ -294,32 +357,49 @@ def _train(cfg: Config, run_path: Path, resuming: bool, control: Control, device
                             f"perturbation '{perturb.name}' from plugin '{perturb.plugin}' returned {n_bad} "
                             "examples outside the eps-ball, [0, 1] or non-finite; they were projected",
                             global_step))
+                asks = [control.checkpoint_now.is_set(), control.evaluate_now.is_set(), control.stop.is_set()]
+                if dd.active:  # the ranks act on requests together, at log points
+                    asks = ddp.agree(asks, dd) if global_step % cfg.run.log_every == 0 or last else [False] * 3
+                ask_checkpoint, ask_eval, ask_stop = asks
                 if (cfg.run.checkpoint_every and global_step % cfg.run.checkpoint_every == 0 and not last) \
-                        or control.checkpoint_now.is_set():
+                        or ask_checkpoint:
                     control.checkpoint_now.clear()
                     yield checkpoint(epoch, step + 1) if not last else checkpoint(epoch + 1, 0)
-                if control.evaluate_now.is_set():
+                if ask_eval:
                     control.evaluate_now.clear()
                     yield live_eval(epoch)
                 while control.pause.is_set() and not control.stop.is_set():
                     time.sleep(0.05)
-                if control.stop.is_set() and not last:
+                if ask_stop and not last:
                     yield checkpoint(epoch, step + 1)
                     stopped = True
                     break
             if stopped:
                 break
             start_step = 0
+            if dd.active:  # the epoch's loss and accuracy over every rank's share
+                totals = ddp.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
+                                                         torch.tensor(float(seen), device=device).double()]))
+                loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
             yield log.write(ev.EpochEnd(epoch, float(loss_sum) / max(seen, 1), float(correct) / max(seen, 1),
                                         lr, time.perf_counter() - t_epoch, bad_epoch))
             if cfg.eval.n > 0 and ((epoch + 1) % cfg.eval.every == 0
                                                             or epoch + 1 == cfg.schedule.epochs):
                 yield live_eval(epoch)
             yield checkpoint(epoch + 1, 0)
-            if control.stop.is_set():
+            if ddp.agree([control.stop.is_set()], dd)[0]:
                 stopped = epoch + 1 < cfg.schedule.epochs
                 break
-        model_path = save_model(run_path / MODEL, model, meta)
+        if dd.active:  # every rank must end with rank 0's weights: compare digests of the state
+            ddp.broadcast_buffers(inner, dd)
+            digests = ddp.state_digests(model, dd)
+            if dd.is_main:
+                atomic_write_text(run_path / "ddp.json", json.dumps(
+                    {"world_size": dd.world_size, "backend": dd.backend, "state_digests": digests,
+                     "in_sync": len(set(digests)) == 1}, indent=2) + "\n")
+            if len(set(digests)) != 1:
+                yield log.write(ev.Warning(f"the ranks hold different weights: digests {digests}", global_step))
+        model_path = save_model(run_path / MODEL, model, meta) if dd.is_main else run_path / MODEL
         yield log.write(ev.Finished(str(model_path), str(run_path), time.perf_counter() - t_start, stopped))
     finally:
         log.close()
