@@ -40,6 +40,7 @@ class RunSection:
     log_every: int = 10
     checkpoint_every: int = 0
     max_bad_steps: int = 10
+    host_checks: Literal["auto", "every-step", "log-points"] = "auto"
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):

@@ -288,6 +288,9 @@ def _train(cfg: Config, run_path: Path, resuming: bool, control: Control, device
         return log.write(ev.EvalResult(epoch, report.n, accuracy, report.gap, flags, time.perf_counter() - t0))
 
     bad_total = 0
+    # A non-finite loss is read on the host after every step on the CPU (free there); on a GPU the
+    # skip happens on the device and skipped batches are counted at log points (no sync per step).
+    sync_each_step = cfg.run.host_checks == "every-step" or (cfg.run.host_checks == "auto" and device.type == "cpu")
     yield log.write(ev.RunStarted(str(run_path), str(device), cfg.schedule.epochs, per_epoch,
                                   start_epoch, start_step, resumed, resolved_tables(cfg)))
     t_start = time.perf_counter()
@@ -302,7 +305,9 @@ def _train(cfg: Config, run_path: Path, resuming: bool, control: Control, device
             order = order_host.to(device)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
-            seen, bad_epoch = 0, 0
+            seen = torch.zeros((), device=device, dtype=torch.long)
+            pending_bad = torch.zeros((), device=device, dtype=torch.long)
+            bad_epoch = 0
             window_t, window_n = time.perf_counter(), 0
             t_epoch = time.perf_counter()
             for step, idx in iterate_batches(order, batch_size, start_step):
@@ -322,35 +327,42 @@ def _train(cfg: Config, run_path: Path, resuming: bool, control: Control, device
                     xb, yb = ddp.shard_rows(xb, dd), ddp.shard_rows(yb, dd)
                     ddp.broadcast_buffers(inner, dd)
                 loss, logits, applied = training_step(net, attack if dd.active else perturb, optimizer, scaler,
-                                                      xb, yb, smoothing, cfg.run.precision)
-                if not applied:
-                    bad_epoch += 1
-                    bad_total += 1
-                    yield log.write(ev.Warning(
-                        f"non-finite loss at epoch {epoch + 1} step {step + 1}: batch skipped "
-                        f"({bad_total} so far)", global_step))
-                    if bad_total > cfg.run.max_bad_steps:
-                        raise TrainingAborted(
-                            f"{bad_total} non-finite steps (limit run.max_bad_steps="
-                            f"{cfg.run.max_bad_steps}): lower optim.lr or method.epsilon, or use "
-                            f"run.precision=fp32; the last good checkpoint is in {run_path}"
-                        )
-                else:
-                    loss_sum += loss * len(yb)
-                    correct += (logits.argmax(1) == yb).sum()
-                    seen += len(yb)
+                                                      xb, yb, smoothing, cfg.run.precision, sync=sync_each_step)
+                ok = applied if isinstance(applied, torch.Tensor) else torch.tensor(applied, device=device)
+                loss_sum += torch.where(ok, loss * len(yb), 0.0)
+                correct += torch.where(ok, (logits.argmax(1) == yb).sum(), 0)
+                seen += torch.where(ok, len(yb), 0)
+                pending_bad += (~ok).long()
                 global_step += 1
                 steps_done_here += 1
                 window_n += len(idx)
-                # -- reporting, checkpoints and requests, every few steps ---------------
                 last = step == per_epoch - 1
+                # -- skipped (non-finite) batches: read now, or at log points on the GPU ---------
+                if sync_each_step or global_step % cfg.run.log_every == 0 or last:
+                    n_bad = int(pending_bad)
+                    if n_bad:
+                        pending_bad.zero_()
+                        bad_epoch += n_bad
+                        bad_total += n_bad
+                        where = f"at epoch {epoch + 1} step {step + 1}" if sync_each_step else \
+                            f"by epoch {epoch + 1} step {step + 1}"
+                        yield log.write(ev.Warning(
+                            f"non-finite loss {where}: {n_bad} batch{'es' if n_bad > 1 else ''} skipped "
+                            f"({bad_total} so far)", global_step))
+                        if bad_total > cfg.run.max_bad_steps:
+                            raise TrainingAborted(
+                                f"{bad_total} non-finite steps (limit run.max_bad_steps="
+                                f"{cfg.run.max_bad_steps}): lower optim.lr or method.epsilon, or use "
+                                f"run.precision=fp32; the last good checkpoint is in {run_path}"
+                            )
+                # -- reporting, checkpoints and requests, every few steps ---------------
                 if global_step % cfg.run.log_every == 0 or last:
                     now = time.perf_counter()
                     rate = window_n / max(now - window_t, 1e-9)
                     per_step = (now - t_start) / steps_done_here
                     yield log.write(ev.StepEnd(
                         epoch, step, global_step, total_steps, float(loss),
-                        float(correct) / max(seen, 1), lr, rate, per_step * (total_steps - global_step)))
+                        float(correct) / max(int(seen), 1), lr, rate, per_step * (total_steps - global_step)))
                     window_t, window_n = now, 0
                     if isinstance(perturb, GuardedPerturbation) and (n_bad := perturb.take_violations()):
                         yield log.write(ev.Warning(
@@ -378,10 +390,10 @@ def _train(cfg: Config, run_path: Path, resuming: bool, control: Control, device
                 break
             start_step = 0
             if dd.active:  # the epoch's loss and accuracy over every rank's share
-                totals = ddp.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
-                                                         torch.tensor(float(seen), device=device).double()]))
-                loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
-            yield log.write(ev.EpochEnd(epoch, float(loss_sum) / max(seen, 1), float(correct) / max(seen, 1),
+                totals = ddp.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(), seen.double()]))
+                loss_sum, correct, seen = totals[0], totals[1], totals[2]
+            seen_n = max(int(seen), 1)
+            yield log.write(ev.EpochEnd(epoch, float(loss_sum) / seen_n, float(correct) / seen_n,
                                         lr, time.perf_counter() - t_epoch, bad_epoch))
             if cfg.eval.n > 0 and ((epoch + 1) % cfg.eval.every == 0
                                                             or epoch + 1 == cfg.schedule.epochs):
