@@ -60,6 +60,7 @@ class EvalResult(Event):
     gap: float | None
     flags: list[dict[str, str]]
     seconds: float
+    global_step: int = -1
 
 
 @dataclass(frozen=True)

@@ -285,7 +285,8 @@ def _train(cfg: Config, run_path: Path, resuming: bool, control: Control, device
                           defaults=defaults, seed=cfg.eval.seed, checks=False, shard=dd.active)
             accuracy["autoattack"] = aa.accuracy["autoattack"]
             flags += [f for f in aa.flags if f not in flags]
-        return log.write(ev.EvalResult(epoch, report.n, accuracy, report.gap, flags, time.perf_counter() - t0))
+        return log.write(ev.EvalResult(epoch, report.n, accuracy, report.gap, flags, time.perf_counter() - t0,
+                                       global_step))
 
     bad_total = 0
     # A non-finite loss is read on the host after every step on the CPU (free there); on a GPU the
