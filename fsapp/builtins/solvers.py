@@ -18,6 +18,7 @@ Every solver computes in float32 (half types are upcast; float64 stays float64).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -68,11 +69,15 @@ def sinkhorn_faithful(
     tol: float = FAITHFUL_TOL,
     *,
     return_iterations: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, int]:
+    device_stop: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, int | torch.Tensor]:
     """The reference code's log-domain Sinkhorn, quirks included (see the module docstring).
 
     Differentiable: the plan keeps its dependence on ``cost`` through every iteration.
-    With ``return_iterations`` it returns ``(plan, iterations_run)``.
+    With ``return_iterations`` it returns ``(plan, iterations_run)``. ``device_stop`` decides the
+    early stop on the device instead of the host: all ``max_iter`` iterations run, those after
+    the stop leave ``u`` and ``v`` frozen (``torch.where``), so plan and gradient are the same
+    with no host-device sync (the iteration count is then a 0-dim tensor).
     """
     C = _as_cost(cost)
     m, n = C.shape
@@ -82,6 +87,20 @@ def sinkhorn_faithful(
 
     def scaled(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return (-C + u.unsqueeze(1) + v.unsqueeze(0)) / reg
+
+    if device_stop:
+        done = torch.zeros((), dtype=torch.bool, device=C.device)
+        count = torch.zeros((), dtype=torch.long, device=C.device)
+        for _ in range(max_iter):
+            u_new = reg * (log_mu - torch.log(torch.exp(scaled(u, v)).sum(1) + _LSE_FLOOR)) + u
+            v_new = reg * (log_nu - torch.log(torch.exp(scaled(u_new, v)).sum(0) + _LSE_FLOOR)) + v
+            count = count + (~done).long()
+            stop_now = (u_new - u).abs().sum() < tol
+            u = torch.where(done, u, u_new)
+            v = torch.where(done, v, v_new)
+            done = done | stop_now
+        plan = torch.exp(scaled(u, v))
+        return (plan, count) if return_iterations else plan
 
     iterations = 0
     for _ in range(max_iter):
@@ -181,6 +200,7 @@ class SinkhornParams:
     tol: float | None = None
     mode: Literal["faithful", "converged"] = "faithful"
     detach: bool = False
+    device_stop: bool = False  # faithful mode: decide the early stop on the device (no host sync)
 
     def __post_init__(self) -> None:
         if not (self.reg > 0 and math.isfinite(self.reg)):
@@ -233,7 +253,10 @@ class Sinkhorn:
 
     def __call__(self, cost: torch.Tensor) -> torch.Tensor:
         p = self.params
-        solve = sinkhorn_faithful if p.mode == "faithful" else sinkhorn_converged
+        if p.mode == "faithful":
+            solve = functools.partial(sinkhorn_faithful, device_stop=p.device_stop)
+        else:
+            solve = sinkhorn_converged
         if p.detach:
             with torch.no_grad():
                 plan, its = solve(
