@@ -58,3 +58,14 @@ def tiny_digits_config():
         return tables
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny-tensor tests run faster on one thread (no OpenMP hand-offs on a busy machine)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

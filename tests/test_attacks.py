@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchattacks
+from _shared import TinyNet
 
 from fsapp.builtins.attacks import linf_attack
 from fsapp.errors import UsageError
@@ -16,26 +16,7 @@ from fsapp.plugins import load_registry
 EPS = 8 / 255
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-class TinyNet(nn.Module):
-    """conv-BN-ReLU-pool-linear on 3x8x8 inputs in [0, 1]."""
-
-    def __init__(self, channels: int = 3, classes: int = 10) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8 * 4 * 4, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.bn(self.conv(x)))
-        return self.fc(F.avg_pool2d(h, 2).flatten(1))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Bump(nn.Module):

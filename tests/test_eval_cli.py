@@ -16,13 +16,7 @@ from fsapp.cli.main import app
 from fsapp.data import to_unit
 from fsapp.plugins import get_registry
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train_mlp(hidden: int, seed: int):

@@ -82,12 +82,7 @@ def oracle_data(n: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.zeros(n, dtype=torch.long)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

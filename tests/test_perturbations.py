@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torchattacks
+from _shared import TinyNet, reference_sinkhorn
 
 from fsapp.builtins.perturbations import (
     FeatureScatter,
@@ -22,26 +22,7 @@ from fsapp.plugins import load_registry
 EPS = 8 / 255
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-class TinyNet(nn.Module):
-    """conv-BN-ReLU-pool-linear on 3x8x8 inputs in [0, 1]."""
-
-    def __init__(self, channels: int = 3, classes: int = 10) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8 * 4 * 4, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.bn(self.conv(x)))
-        return self.fc(F.avg_pool2d(h, 2).flatten(1))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyNet:
@@ -67,25 +48,6 @@ def registry():
     return load_registry()
 
 
-def reference_sinkhorn(C: torch.Tensor, reg: float = 0.01, niter: int = 100, thresh: float = 0.1):
-    m, n = C.shape
-    mu = 1.0 / m * torch.ones(m, dtype=C.dtype)
-    nu = 1.0 / n * torch.ones(n, dtype=C.dtype)
-
-    def M(u, v):
-        return (-C + u.unsqueeze(1) + v.unsqueeze(0)) / reg
-
-    def lse(A):
-        return torch.log(torch.exp(A).sum(1, keepdim=True) + 1e-6)
-
-    u, v = 0.0 * mu, 0.0 * nu
-    for _ in range(niter):
-        u1 = u
-        u = reg * (torch.log(mu) - lse(M(u, v)).squeeze()) + u
-        v = reg * (torch.log(nu) - lse(M(u, v).t()).squeeze()) + v
-        if (u - u1).abs().sum() < thresh:
-            break
-    return torch.exp(M(u, v))
 
 
 def reference_feature_scatter(model, x, eps, step, seed):

@@ -7,6 +7,7 @@ import warnings
 import ot
 import pytest
 import torch
+from _shared import reference_sinkhorn
 
 from fsapp.builtins.solvers import (
     Sinkhorn,
@@ -21,14 +22,7 @@ from fsapp.errors import UsageError
 from fsapp.losses import cost_matrix
 from fsapp.plugins import load_registry
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention (10-100x slower on a busy machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -36,26 +30,6 @@ def registry():
     return load_registry()
 
 
-def reference_sinkhorn(C: torch.Tensor, reg: float = 0.01, niter: int = 100, thresh: float = 0.1):
-    """REFERENCE.md's Sinkhorn, transcribed from its description."""
-    m, n = C.shape
-    mu = 1.0 / m * torch.ones(m, dtype=C.dtype)
-    nu = 1.0 / n * torch.ones(n, dtype=C.dtype)
-
-    def M(u, v):
-        return (-C + u.unsqueeze(1) + v.unsqueeze(0)) / reg
-
-    def lse(A):
-        return torch.log(torch.exp(A).sum(1, keepdim=True) + 1e-6)
-
-    u, v = 0.0 * mu, 0.0 * nu
-    for _ in range(niter):
-        u1 = u
-        u = reg * (torch.log(mu) - lse(M(u, v)).squeeze()) + u
-        v = reg * (torch.log(nu) - lse(M(u, v).t()).squeeze()) + v
-        if (u - u1).abs().sum() < thresh:
-            break
-    return torch.exp(M(u, v))
 
 
 def realistic_cost(seed: int, batch: int = 60, classes: int = 10) -> torch.Tensor:

@@ -34,12 +34,7 @@ L2 = {"ta-pgd-l2", "ta-cw-l2", "ta-deepfool"}
 UNBOUNDED = {"ta-cw-l2", "ta-deepfool"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy():
