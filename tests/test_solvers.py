@@ -259,3 +259,12 @@ def test_device_stop_gives_the_same_plan_gradient_and_count_without_host_reads()
         assert torch.equal(plans[0], plans[1])
         assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
         assert counts[0] == counts[1] < 100
+
+
+def test_sinkhorn_solver_device_stop_option_keeps_the_plan():
+    import fsapp
+
+    cost = torch.rand(12, 12, generator=torch.Generator().manual_seed(3)) * 2
+    specs = ("sinkhorn", "sinkhorn:device_stop=true", "sinkhorn:device_stop=false")
+    plans = [fsapp.create("solver", spec)(cost) for spec in specs]
+    assert torch.equal(plans[0], plans[1]) and torch.equal(plans[0], plans[2])

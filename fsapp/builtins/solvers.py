@@ -200,7 +200,9 @@ class SinkhornParams:
     tol: float | None = None
     mode: Literal["faithful", "converged"] = "faithful"
     detach: bool = False
-    device_stop: bool = False  # faithful mode: decide the early stop on the device (no host sync)
+    # faithful mode: decide the early stop on the device (no host sync; the same plan). Empty:
+    # on the device for CUDA tensors, on the host elsewhere (where reading it is free).
+    device_stop: bool | None = None
 
     def __post_init__(self) -> None:
         if not (self.reg > 0 and math.isfinite(self.reg)):
@@ -254,7 +256,8 @@ class Sinkhorn:
     def __call__(self, cost: torch.Tensor) -> torch.Tensor:
         p = self.params
         if p.mode == "faithful":
-            solve = functools.partial(sinkhorn_faithful, device_stop=p.device_stop)
+            on_device = cost.is_cuda if p.device_stop is None else p.device_stop
+            solve = functools.partial(sinkhorn_faithful, device_stop=on_device)
         else:
             solve = sinkhorn_converged
         if p.detach:
