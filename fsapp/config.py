@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fsapp.errors import UsageError
-from fsapp.registry import ModelParams, coerce, type_name
+from fsapp.registry import ModelParams, coerce, format_value, type_name
 
 EPS8 = 8 / 255
 STEP2 = 2 / 255
@@ -215,37 +215,17 @@ class Config:
                 params[key] = getattr(self.method, key)
         if "solver" in names:
             name, sp = self.solver_spec()
-            params["solver"] = str(Spec(name, {k: _spec_value(v) for k, v in sp.items()}))
+            params["solver"] = str(Spec(name, {k: format_value(v) for k, v in sp.items()}))
         params.update(self.extras.get("perturbation", {}))
         return params
 
     def attack_specs(self) -> list[str]:
-        """Live-evaluation attack specs with the eval eps and step size filled in."""
-        return [with_defaults(s, eps=self.eval.eps, step_size=self.eval.step_size) for s in self.eval.attacks]
+        """Live-evaluation attack specs with the eval eps and step size filled in, exactly as the
+        evaluator fills them (:func:`fsapp.engine.evaluate.apply_defaults`)."""
+        from fsapp.engine.evaluate import apply_defaults
 
-
-def _spec_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (tuple, list)):
-        return ";".join(str(x) for x in v)
-    return str(v)
-
-
-def with_defaults(spec: str, **defaults: Any) -> str:
-    """Add ``key=value`` to a spec string for each default the spec does not name and the
-    component accepts."""
-    from fsapp.plugins import get_registry
-    from fsapp.registry import Spec, parse_spec
-
-    parsed = parse_spec(spec)
-    comp = get_registry().get("attack", parsed.name)
-    names = {f.name for f in dataclasses.fields(comp.params)}
-    params = dict(parsed.params)
-    for key, value in defaults.items():
-        if key in names and key not in params:
-            params[key] = _spec_value(value)
-    return str(Spec(parsed.name, params))
+        defaults = {"eps": self.eval.eps, "step_size": self.eval.step_size}
+        return [apply_defaults(s, defaults) for s in self.eval.attacks]
 
 
 # Presets --------------------------------------------------------------------------------

@@ -158,6 +158,17 @@ def coerce(value: Any, tp: Any) -> Any:
     return value
 
 
+def format_value(value: Any) -> str:
+    """A value as spec-string text that :func:`coerce` reads back (bools, floats, lists)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return ";".join(format_value(v) for v in value)
+    return str(value)
+
+
 def make_params(component: Component, values: dict[str, Any]) -> Any:
     """Build the component's params dataclass from ``values``, with one-line errors."""
     cls = component.params

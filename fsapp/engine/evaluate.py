@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fsapp.errors import PluginError, UsageError
-from fsapp.registry import Spec, make_params, parse_spec
+from fsapp.registry import Spec, format_value, make_params, parse_spec
 
 BALL_TOLERANCE = 1e-6
 
@@ -134,18 +134,8 @@ def apply_defaults(spec: str, defaults: dict[str, Any] | None) -> str:
             continue
         if key in ("eps", "step_size") and declared not in (None, "Linf"):
             continue
-        params[key] = _spec_value(value)
+        params[key] = format_value(value)
     return str(Spec(parsed.name, params))
-
-
-def _spec_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, (tuple, list)):
-        return ";".join(str(v) for v in value)
-    return str(value)
 
 
 # --------------------------------------------------------------------------- results
