@@ -70,9 +70,9 @@ def pick_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"run.device is '{name}' but no CUDA device is available; use auto or cpu")
+            raise UsageError(f"device '{name}' asked for, but no CUDA device is available; use auto or cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"run.device '{name}' does not exist ({torch.cuda.device_count()} CUDA devices)")
+            raise UsageError(f"device '{name}' does not exist ({torch.cuda.device_count()} CUDA devices)")
     return device
 
 
