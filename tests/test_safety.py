@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 import fsapp
 from fsapp.checkpoint import atomic_write_bytes, model_metadata, read_safetensors
 from fsapp.engine import events as ev
+from fsapp.engine.rundir import RunLock
 from fsapp.engine.train import train
 from fsapp.errors import PluginError, TrainingAborted, UsageError
-from fsapp.runlock import RunLock
 
 
 def _small_model():
@@ -237,7 +237,7 @@ def test_second_writer_is_refused(tmp_path, tiny_digits_config):
 def test_crashed_writer_leaves_no_stuck_lock(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    code = f"from fsapp.runlock import RunLock; RunLock.acquire({str(run)!r}); import os; os.kill(os.getpid(), 9)"
+    code = f"from fsapp.engine.rundir import RunLock; RunLock.acquire({str(run)!r}); import os; os.kill(os.getpid(), 9)"
     subprocess.run([sys.executable, "-c", code])
     assert (run / ".lock").exists() and not RunLock.is_held(run)
     RunLock.acquire(run).release()

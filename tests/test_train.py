@@ -11,7 +11,8 @@ import torch
 import fsapp
 from fsapp.checkpoint import read_safetensors
 from fsapp.engine import events as ev
-from fsapp.engine.train import Control, train
+from fsapp.engine.rundir import Control
+from fsapp.engine.train import train
 from fsapp.errors import UsageError
 
 

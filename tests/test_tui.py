@@ -15,9 +15,9 @@ import torch
 
 from fsapp.config import load, to_toml
 from fsapp.engine import events as ev
+from fsapp.engine.rundir import Follower, RunIndex, RunState, config_diff, load_state
 from fsapp.errors import UsageError
 from fsapp.tui import form
-from fsapp.tui.runinfo import Follower, RunIndex, RunState, config_diff, load_state
 
 OLD = 1714557600.0  # 2024-05-01 10:00 UTC: fake runs are long idle, hence never "running"
 TINY = {  # form id -> text: a seconds-long Feature Scattering run on digits
@@ -129,7 +129,7 @@ def test_statuses_and_summaries(tmp_path):
     assert RunIndex(tmp_path).scan()[0].status == "interrupted"
     assert RunIndex(tmp_path).scan(live={partial})[0].status == "running"
     # with the engine's lock file, the lock decides: held is running, released is interrupted
-    from fsapp.runlock import RunLock
+    from fsapp.engine.rundir import RunLock
 
     lock = RunLock.acquire(partial)
     assert RunIndex(tmp_path).scan()[0].status == "running"

@@ -92,7 +92,7 @@ def train(
     """Train a model (Feature Scattering on the embedded digits by default)."""
     from fsapp import config as cfgmod
     from fsapp.cli.render import TrainRenderer
-    from fsapp.engine.train import Control
+    from fsapp.engine.rundir import Control
     from fsapp.engine.train import train as run_train
 
     if config and preset:

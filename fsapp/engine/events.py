@@ -78,6 +78,14 @@ class Warning(Event):  # noqa: A001 - the event's name in metrics.jsonl
 
 
 @dataclass(frozen=True)
+class ControlApplied(Event):
+    """A front end's request (pause, resume, stop, checkpoint, evaluate) taken by the loop."""
+
+    action: str
+    global_step: int = -1
+
+
+@dataclass(frozen=True)
 class Finished(Event):
     model_path: str
     run_dir: str
@@ -87,7 +95,7 @@ class Finished(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls
-    for cls in (RunStarted, StepEnd, EpochEnd, EvalResult, CheckpointSaved, Warning, Finished)
+    for cls in (RunStarted, StepEnd, EpochEnd, EvalResult, CheckpointSaved, Warning, ControlApplied, Finished)
 }
 
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import platform
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,28 +37,20 @@ from fsapp.engine import distributed as ddp
 from fsapp.engine import events as ev
 from fsapp.engine.evaluate import evaluate
 from fsapp.engine.guard import GuardedPerturbation
+from fsapp.engine.rundir import (
+    CHECKPOINT,
+    METRICS,
+    MODEL,
+    Control,
+    ControlChannel,
+    NullLog,
+    RunLock,
+    RunLog,
+    new_run_dir,
+)
 from fsapp.engine.step import training_step
 from fsapp.errors import TrainingAborted, UsageError
 from fsapp.plugins import BUILTIN_PLUGIN, get_registry
-from fsapp.runlock import RunLock
-
-CHECKPOINT = "checkpoint.safetensors"
-MODEL = "model.safetensors"
-METRICS = "metrics.jsonl"
-
-
-@dataclass
-class Control:
-    """Requests from a front end to a running loop (thread-safe flags checked between steps)."""
-
-    stop: threading.Event
-    pause: threading.Event
-    checkpoint_now: threading.Event
-    evaluate_now: threading.Event
-
-    @classmethod
-    def new(cls) -> "Control":
-        return cls(threading.Event(), threading.Event(), threading.Event(), threading.Event())
 
 
 def pick_device(name: str) -> torch.device:
@@ -90,45 +80,6 @@ def lr_at(cfg: Config, epoch: int) -> float:
     return cfg.optim.lr * cfg.schedule.gamma ** passed
 
 
-def new_run_dir(cfg: Config) -> Path:
-    root = Path(cfg.run.runs_dir)
-    name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.method.perturbation}-{cfg.data.name}"
-    path = root / name
-    suffix = 1
-    while path.exists() and cfg.run.name == "":
-        suffix += 1
-        path = root / f"{name}-{suffix}"
-    return path
-
-
-class RunLog:
-    """Appends events to ``metrics.jsonl`` (one JSON object per line)."""
-
-    def __init__(self, path: Path) -> None:
-        self.fh = open(path, "a", encoding="utf-8")
-
-    def write(self, event: ev.Event) -> ev.Event:
-        self.fh.write(json.dumps(event.to_dict()) + "\n")
-        self.fh.flush()
-        return event
-
-    def close(self) -> None:
-        self.fh.close()
-
-
-class NullLog(RunLog):
-    """What ranks other than 0 log to under torchrun: nothing."""
-
-    def __init__(self) -> None:
-        pass
-
-    def write(self, event: ev.Event) -> ev.Event:
-        return event
-
-    def close(self) -> None:
-        pass
-
-
 def train(
     config: Config | dict[str, Any] | str | Path | None = None,
     run_dir: str | Path | None = None,
@@ -145,7 +96,8 @@ def train(
         cfg = load(run_path / "config.toml")
     else:
         cfg = as_config(config)
-        run_path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+        run_path = Path(run_dir) if run_dir is not None else new_run_dir(
+            cfg.run.runs_dir, cfg.run.name, cfg.method.perturbation, cfg.data.name)
     device = pick_device(cfg.run.device)
     dd = ddp.setup(device)  # torchrun: join the group, take cuda:LOCAL_RANK (identity in one process)
     device = dd.device
@@ -183,11 +135,14 @@ def train(
     except OSError as exc:
         raise UsageError(f"cannot create run directory {run_path}: {exc.strerror}") from None
     lock = RunLock.acquire(run_path) if dd.is_main else None  # rank 0 writes the run directory
+    channel = ControlChannel(run_path) if dd.is_main else None  # requests from other processes
+    if channel is not None:
+        channel.discard_stale()
     for stale in run_path.glob(".*.tmp") if dd.is_main else ():  # temp files of a killed writer
         stale.unlink(missing_ok=True)
     try:
         events = _train(cfg, run_path, resume is not None, control, device, dataset, model, net, perturb,
-                        optimizer, scaler, model_params, dd)
+                        optimizer, scaler, model_params, dd, channel)
         if dd.is_main:
             yield from events
         else:  # other ranks train silently (the CLI of every rank would print the same lines)
@@ -202,7 +157,7 @@ def train(
 def _train(cfg: Config, run_path: Path, resuming: bool, control: Control, device: torch.device, dataset: Any,
            model: torch.nn.Module, net: Any, perturb: Any, optimizer: torch.optim.Optimizer,
            scaler: torch.amp.GradScaler, model_params: dict[str, Any],
-           dd: ddp.Dist | None = None) -> Iterator[ev.Event]:
+           dd: ddp.Dist | None = None, channel: ControlChannel | None = None) -> Iterator[ev.Event]:
     """The loop proper, run while holding the run directory's lock."""
     registry = get_registry()
     dd = dd or ddp.Dist(device=device)
@@ -370,6 +325,9 @@ def _train(cfg: Config, run_path: Path, resuming: bool, control: Control, device
                             f"perturbation '{perturb.name}' from plugin '{perturb.plugin}' returned {n_bad} "
                             "examples outside the eps-ball, [0, 1] or non-finite; they were projected",
                             global_step))
+                if channel is not None:
+                    for action in channel.apply_to(control):
+                        yield log.write(ev.ControlApplied(action, global_step))
                 asks = [control.checkpoint_now.is_set(), control.evaluate_now.is_set(), control.stop.is_set()]
                 if dd.active:  # the ranks act on requests together, at log points
                     asks = ddp.agree(asks, dd) if global_step % cfg.run.log_every == 0 or last else [False] * 3
@@ -382,7 +340,18 @@ def _train(cfg: Config, run_path: Path, resuming: bool, control: Control, device
                     control.evaluate_now.clear()
                     yield live_eval(epoch)
                 while control.pause.is_set() and not control.stop.is_set():
-                    time.sleep(0.05)
+                    time.sleep(0.05)  # paused: requests are still served (one process only)
+                    if channel is not None:
+                        for action in channel.apply_to(control):
+                            yield log.write(ev.ControlApplied(action, global_step))
+                    if not dd.active and control.checkpoint_now.is_set():
+                        control.checkpoint_now.clear()
+                        yield checkpoint(epoch, step + 1) if not last else checkpoint(epoch + 1, 0)
+                    if not dd.active and control.evaluate_now.is_set():
+                        control.evaluate_now.clear()
+                        yield live_eval(epoch)
+                if not dd.active:
+                    ask_stop = control.stop.is_set()
                 if ask_stop and not last:
                     yield checkpoint(epoch, step + 1)
                     stopped = True

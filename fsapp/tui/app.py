@@ -12,10 +12,10 @@ from textual.screen import Screen
 
 from fsapp.config import Config
 from fsapp.engine import events as ev
+from fsapp.engine.rundir import CHECKPOINT, Control, RunIndex, new_run_dir
 from fsapp.errors import FsappError, UsageError
 from fsapp.tui.commands import FsappCommands
-from fsapp.tui.live import LiveRun, TrainDone, TrainEvent, next_run_dir
-from fsapp.tui.runinfo import CHECKPOINT, RunIndex
+from fsapp.tui.live import LiveRun, TrainDone, TrainEvent
 
 DARK, LIGHT = "textual-dark", "textual-light"
 
@@ -116,7 +116,7 @@ class FsappApp(App[None]):
     def start_run(self, cfg: Config) -> Path:
         """Start training ``cfg`` in a worker thread; returns its run directory."""
         taken = set(self.live)
-        path = next_run_dir(Path(cfg.run.runs_dir), cfg.run.name, cfg.method.perturbation, cfg.data.name, taken)
+        path = new_run_dir(cfg.run.runs_dir, cfg.run.name, cfg.method.perturbation, cfg.data.name, taken)
         if (path / CHECKPOINT).exists():
             raise UsageError(f"{path} already holds a run; resume it from the Runs screen (r)")
         if path in self.live and self.live[path].active:
@@ -220,9 +220,7 @@ class FsappApp(App[None]):
         self.exit()
 
 
-def _new_control() -> Any:
-    from fsapp.engine.train import Control
-
+def _new_control() -> Control:
     return Control.new()
 
 

@@ -13,8 +13,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 from textual_plotext import PlotextPlot
 
+from fsapp.engine.rundir import RunState, RunTracker, config_diff, run_status
 from fsapp.tui.fmt import pct, value
-from fsapp.tui.runinfo import RunState, RunTracker, config_diff, run_status
 from fsapp.tui.widgets import attack_columns, draw, flags_text, gap_text
 
 if TYPE_CHECKING:

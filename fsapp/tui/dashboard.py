@@ -19,9 +19,9 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
 from textual_plotext import PlotextPlot
 
+from fsapp.engine.rundir import MODEL, RunState, RunTracker, run_status
 from fsapp.tui.fmt import duration, pct
 from fsapp.tui.live import LiveRun
-from fsapp.tui.runinfo import MODEL, RunState, RunTracker, run_status
 from fsapp.tui.widgets import draw, fill_robustness
 
 if TYPE_CHECKING:

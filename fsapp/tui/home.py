@@ -15,9 +15,9 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
+from fsapp.engine.rundir import MODEL, RunSummary
 from fsapp.errors import FsappError
 from fsapp.tui.fmt import pct
-from fsapp.tui.runinfo import MODEL, RunSummary
 
 if TYPE_CHECKING:
     from fsapp.tui.app import FsappApp

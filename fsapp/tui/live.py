@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +13,7 @@ from fsapp.engine import events as ev
 if TYPE_CHECKING:
     from textual.worker import Worker
 
-    from fsapp.engine.train import Control
+    from fsapp.engine.rundir import Control
 
 
 @dataclass
@@ -62,16 +61,3 @@ class TrainDone(Message):
         super().__init__()
         self.path = path
         self.error = error
-
-
-def next_run_dir(runs_dir: Path, name: str, perturbation: str, dataset: str, taken: set[Path]) -> Path:
-    """The run directory the engine would pick (``<time>-<perturbation>-<dataset>`` when unnamed),
-    avoiding directories that exist or that this app is about to use."""
-    if name:
-        return runs_dir / name
-    base = time.strftime("%Y%m%d-%H%M%S") + f"-{perturbation}-{dataset}"
-    path, suffix = runs_dir / base, 1
-    while path.exists() or path in taken:
-        suffix += 1
-        path = runs_dir / f"{base}-{suffix}"
-    return path

@@ -1,11 +1,22 @@
-"""Run directories as data: follow ``metrics.jsonl``, fold events into state, summarise runs.
+"""Run directories: their layout, the writer's lock and log, the follower, and the control channel.
 
-Nothing here imports Textual or torch, so it is quick to test and safe to call on a timer.
+One module owns everything a run directory is made of, so the engine that writes one, the front
+ends that follow one and ``fsapp ctl`` that steers one agree on names and rules. Nothing here
+imports torch or a UI package: it is quick to import and safe to call on a timer.
+
+Layout (docs/ALGORITHM.md and the README describe the files)::
+
+    runs/<name>/
+      config.toml  manifest.json  metrics.jsonl  checkpoint.safetensors  model.safetensors
+      eval/<time>.json   .lock   control/<request>.json
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -14,15 +25,293 @@ from pathlib import Path
 from typing import Any
 
 from fsapp.engine import events as ev
+from fsapp.errors import UsageError
 
-METRICS = "metrics.jsonl"
 CONFIG = "config.toml"
 MANIFEST = "manifest.json"
+METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.safetensors"
 MODEL = "model.safetensors"
+EVAL_DIR = "eval"
+LOCK_NAME = ".lock"
+CONTROL_DIR = "control"
 STALE_SECONDS = 300.0
-"""A run with no Finished event whose log grew this recently counts as running."""
+"""A run with no Finished event whose log grew this recently counts as running (runs without a lock)."""
 
+
+def new_run_dir(runs_dir: str | Path, name: str, perturbation: str, dataset: str,
+                taken: set[Path] | frozenset[Path] = frozenset()) -> Path:
+    """The run directory for a new run: ``runs_dir/name``, or ``<time>-<perturbation>-<dataset>``
+    (with ``-2``, ``-3``... appended) when unnamed, avoiding directories that exist or are ``taken``."""
+    root = Path(runs_dir)
+    if name:
+        return root / name
+    base = time.strftime("%Y%m%d-%H%M%S") + f"-{perturbation}-{dataset}"
+    path, suffix = root / base, 1
+    while path.exists() or path in taken:
+        suffix += 1
+        path = root / f"{base}-{suffix}"
+    return path
+
+
+# -- the writer ----------------------------------------------------------------------------------
+
+
+class RunLog:
+    """Appends events to ``metrics.jsonl`` (one JSON object per line).
+
+    A torn last line (a writer killed mid-append) is closed with a newline before the first new
+    event, so it never glues onto the next one; the follower skips it as malformed.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.fh = open(path, "a+b")
+        self.fh.seek(0, os.SEEK_END)
+        if self.fh.tell() > 0:
+            self.fh.seek(-1, os.SEEK_END)
+            if self.fh.read(1) != b"\n":
+                self.fh.seek(0, os.SEEK_END)
+                self.fh.write(b"\n")
+        self.fh.seek(0, os.SEEK_END)
+
+    def write(self, event: ev.Event) -> ev.Event:
+        self.fh.write((json.dumps(event.to_dict()) + "\n").encode("utf-8"))
+        self.fh.flush()
+        return event
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+class NullLog(RunLog):
+    """What ranks other than 0 log to under torchrun: nothing."""
+
+    def __init__(self) -> None:
+        pass
+
+    def write(self, event: ev.Event) -> ev.Event:
+        return event
+
+    def close(self) -> None:
+        pass
+
+
+# -- the lock -----------------------------------------------------------------------------------
+
+class RunLock:
+    """An exclusive lock on ``run_dir/.lock``; a crashed holder leaves nothing stuck (the OS
+    releases ``flock`` locks when the process dies)."""
+
+    def __init__(self, run_dir: Path, fd: int) -> None:
+        self.run_dir = run_dir
+        self.fd = fd
+
+    @classmethod
+    def acquire(cls, run_dir: str | Path) -> "RunLock":
+        """Take the lock or raise a UsageError naming the process that holds it."""
+        run_dir = Path(run_dir)
+        path = run_dir / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UsageError(f"cannot write in run directory {run_dir}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UsageError(
+                f"{run_dir} is being written by another fsapp process (pid {holder}); "
+                "wait for it to finish or stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return cls(run_dir, fd)
+
+    def release(self) -> None:
+        """Give the lock up (idempotent)."""
+        if self.fd >= 0:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+
+    @staticmethod
+    def is_held(run_dir: str | Path) -> bool:
+        """Whether some live process holds the run's lock (used to tell running from interrupted)."""
+        path = Path(run_dir) / LOCK_NAME
+        if not path.exists():
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    @staticmethod
+    def holder(run_dir: str | Path) -> int | None:
+        """The pid of the live process holding the lock, or None when nobody holds it."""
+        path = Path(run_dir) / LOCK_NAME
+        if not RunLock.is_held(run_dir):
+            return None
+        try:
+            return int(path.read_text(encoding="ascii").strip() or "0") or None
+        except (OSError, ValueError):
+            return None
+
+
+# -- the control channel ---------------------------------------------------------------------------
+
+ACTIONS = ("pause", "resume", "stop", "checkpoint", "evaluate")
+"""What any front end may ask of a running training: pause, resume, stop with a checkpoint,
+checkpoint now, evaluate now."""
+
+
+@dataclass
+class Control:
+    """Requests to a running loop, as thread-safe flags checked between steps.
+
+    In-process callers (``fsapp.train(..., control=...)``) set them directly; a
+    :class:`ControlChannel` sets them from request files written by other processes.
+    """
+
+    stop: threading.Event
+    pause: threading.Event
+    checkpoint_now: threading.Event
+    evaluate_now: threading.Event
+
+    @classmethod
+    def new(cls) -> "Control":
+        return cls(threading.Event(), threading.Event(), threading.Event(), threading.Event())
+
+    def apply(self, action: str) -> None:
+        """Set the flag an action names (see :data:`ACTIONS`)."""
+        if action == "pause":
+            self.pause.set()
+        elif action == "resume":
+            self.pause.clear()
+        elif action == "stop":
+            self.stop.set()
+        elif action == "checkpoint":
+            self.checkpoint_now.set()
+        elif action == "evaluate":
+            self.evaluate_now.set()
+        else:
+            raise UsageError(f"unknown control action '{action}'; valid: {', '.join(ACTIONS)}")
+
+
+def send_request(run_dir: str | Path, action: str) -> Path:
+    """Ask the process training ``run_dir`` to ``action``; returns the request file.
+
+    The request names the writer's pid (from the lock), so a writer started later never acts on
+    it. Refused with one line when nobody trains the run.
+    """
+    run_dir = Path(run_dir)
+    if action not in ACTIONS:
+        raise UsageError(f"unknown control action '{action}'; valid: {', '.join(ACTIONS)}")
+    if not (run_dir / CONFIG).is_file() and not (run_dir / METRICS).is_file():
+        raise UsageError(f"{run_dir} is not a run directory (no config.toml or metrics.jsonl)")
+    pid = RunLock.holder(run_dir)
+    if pid is None:
+        raise UsageError(f"{run_dir} is not training now (no fsapp process holds it); nothing to {action}")
+    folder = run_dir / CONTROL_DIR
+    stamp = f"{time.time_ns()}-{os.getpid()}-{action}"
+    body = json.dumps({"action": action, "target_pid": pid, "from_pid": os.getpid(),
+                       "time": time.time()}) + "\n"
+    try:
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f".{stamp}.tmp"
+        tmp.write_text(body, encoding="utf-8")
+        final = folder / f"{stamp}.json"
+        os.replace(tmp, final)
+    except OSError as exc:
+        raise UsageError(f"cannot write a request in {folder}: {exc.strerror or exc}") from None
+    return final
+
+
+def wait_taken(request: Path, timeout: float) -> bool:
+    """Wait until the writer has taken ``request`` (its file is gone); False on timeout."""
+    deadline = time.monotonic() + timeout
+    while request.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+class ControlChannel:
+    """The writer's side: reads the request files addressed to this process, oldest first.
+
+    :meth:`discard_stale` at start removes every request left from before (a dead requester, an
+    earlier writer); afterwards requests addressed to another pid are dropped unread.
+    """
+
+    def __init__(self, run_dir: str | Path, interval: float = 0.1, pid: int | None = None) -> None:
+        self.folder = Path(run_dir) / CONTROL_DIR
+        self.interval = interval
+        self.pid = os.getpid() if pid is None else pid
+        self._last = 0.0
+
+    def discard_stale(self) -> int:
+        """Delete every pending request (called once the lock is held); returns how many."""
+        n = 0
+        try:
+            entries = list(os.scandir(self.folder))
+        except OSError:
+            return 0
+        for entry in entries:
+            if entry.name.endswith(".json") or (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+                try:
+                    os.unlink(entry.path)
+                    n += 1
+                except OSError:
+                    pass
+        return n
+
+    def poll(self, force: bool = False) -> list[str]:
+        """Actions requested since the last call (at most one directory scan per ``interval``)."""
+        now = time.monotonic()
+        if not force and now - self._last < self.interval:
+            return []
+        self._last = now
+        try:
+            names = sorted(e.name for e in os.scandir(self.folder) if e.name.endswith(".json")
+                           and not e.name.startswith("."))
+        except OSError:
+            return []
+        actions = []
+        for name in names:
+            path = self.folder / name
+            try:
+                with open(path, "rb") as fh:
+                    data = json.loads(fh.read(4096))
+                os.unlink(path)
+            except (OSError, ValueError):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+                continue
+            if not isinstance(data, dict) or data.get("target_pid") != self.pid:
+                continue
+            action = data.get("action")
+            if action in ACTIONS:
+                actions.append(action)
+        return actions
+
+    def apply_to(self, control: Control, force: bool = False) -> list[str]:
+        """Poll and set ``control``'s flags; returns the actions applied."""
+        actions = self.poll(force)
+        for action in actions:
+            control.apply(action)
+        return actions
+
+
+# -- the follower ----------------------------------------------------------------------------------
 
 class Follower:
     """Reads the events appended to a ``metrics.jsonl`` since the last call.
@@ -80,12 +369,13 @@ class RunState:
     finished: ev.Finished | None = None
     config: dict[str, Any] = field(default_factory=dict)
     count: int = 0
+    paused: bool = False
 
     def add(self, event: ev.Event) -> None:
         """Fold one event in; a resumed RunStarted drops what came after its checkpoint."""
         self.count += 1
         if isinstance(event, ev.RunStarted):
-            self.started, self.finished = event, None
+            self.started, self.finished, self.paused = event, None, False
             if event.config:
                 self.config = event.config
             if event.resumed:
@@ -100,6 +390,9 @@ class RunState:
             self.checkpoint = event
         elif isinstance(event, ev.Warning):
             self.warnings.append(event)
+        elif isinstance(event, ev.ControlApplied):
+            if event.action in ("pause", "resume"):
+                self.paused = event.action == "pause"
         elif isinstance(event, ev.Finished):
             self.finished = event
 
@@ -168,8 +461,6 @@ def read_config(path: Path) -> dict[str, Any]:
 def lock_state(path: Path) -> bool | None:
     """Whether a live process holds the run directory's lock (the engine's ``.lock``); None when
     the run has no lock file (written by an engine that did not lock)."""
-    from fsapp.runlock import LOCK_NAME, RunLock
-
     if not (path / LOCK_NAME).exists():
         return None
     try:
