@@ -111,6 +111,12 @@ def _refuse_pickle(path: Path, head: bytes) -> None:
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read tensors and metadata after checking the file's header; UsageError on any problem."""
+    tensors, meta, _ = read_safetensors_digest(path)
+    return tensors, meta
+
+
+def read_safetensors_digest(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """:func:`read_safetensors` plus the SHA-256 of exactly the bytes that were read and loaded."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -144,11 +150,12 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise UsageError(f"{path}: safetensors metadata must map strings to strings")
+    data = head + header_bytes + body
     try:
-        tensors = st_load(head + header_bytes + body)
+        tensors = st_load(data)
     except Exception as exc:  # safetensors raises its own error types
         raise UsageError(f"{path}: corrupt or truncated safetensors data ({exc})") from None
-    return tensors, dict(meta)
+    return tensors, dict(meta), hashlib.sha256(data).hexdigest()
 
 
 # Model files ------------------------------------------------------------------------------
@@ -239,10 +246,18 @@ def parse_model_meta(path: str | Path, meta: dict[str, str]) -> dict[str, Any]:
 
 def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild and validate a model from its file; returns ``(model in eval mode, metadata)``."""
+    model, meta, _ = load_model_file_digest(path, device)
+    return model, meta
+
+
+def load_model_file_digest(path: str | Path, device: str | torch.device = "cpu",
+                           ) -> tuple[torch.nn.Module, dict[str, Any], str]:
+    """:func:`load_model_file` plus the SHA-256 of the bytes the weights came from (the file is
+    read once: a file replaced meanwhile cannot lend its hash to these weights)."""
     from fsapp.errors import PluginError
     from fsapp.plugins import get_registry
 
-    tensors, raw = read_safetensors(path)
+    tensors, raw, digest = read_safetensors_digest(path)
     meta = parse_model_meta(path, raw)
     registry = get_registry()
     name = meta["model"]
@@ -275,7 +290,7 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> tup
             raise UsageError(f"{path}: tensor '{key}' holds NaN or infinite values")
     model.load_state_dict(tensors, strict=True)
     model.to(device).eval()
-    return model, meta
+    return model, meta, digest
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:

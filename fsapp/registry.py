@@ -49,13 +49,49 @@ class Component:
         hints = typing.get_type_hints(self.params)
         rows = []
         for f in dataclasses.fields(self.params):
-            rows.append({"name": f.name, "type": type_name(hints[f.name]), "default": _default(f)})
+            row = {"name": f.name, "type": type_name(hints[f.name]), "default": _default(f)}
+            if (bounds := value_range(f)) is not None:
+                row["range"] = range_text(*bounds)
+            rows.append(row)
         return rows
 
     def build(self, params: dict[str, Any] | None = None) -> Any:
         """Validate ``params`` against the dataclass and call the factory."""
         instance = make_params(self, params or {})
         return self.factory(instance)
+
+
+def ranged(default: Any, low: float | None = None, high: float | None = None) -> Any:
+    """A parameter field with an inclusive valid range, checked wherever the parameter is set
+    (config files, ``--set``, spec strings, model-file metadata): ``width: int = ranged(16, 1, 4096)``.
+
+    Tuples and lists are checked element by element. The range shows in ``fsapp plugins list``.
+    """
+    return field(default=default, metadata={"range": (low, high)})
+
+
+def value_range(f: dataclasses.Field) -> tuple[float | None, float | None] | None:
+    """A field's declared ``(low, high)`` range, or None."""
+    return f.metadata.get("range") if f.metadata else None
+
+
+def range_text(low: float | None, high: float | None) -> str:
+    """``1..4096``, ``>= 0`` or ``<= 1`` as shown in messages and listings."""
+    if low is not None and high is not None:
+        return f"{low:g}..{high:g}"
+    return f">= {low:g}" if low is not None else f"<= {high:g}"
+
+
+def check_range(label: str, key: str, value: Any, bounds: tuple[float | None, float | None]) -> None:
+    """UsageError naming ``key``, ``value`` and the valid range when a number falls outside it."""
+    low, high = bounds
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            continue
+        if math.isnan(item) or (low is not None and item < low) or (high is not None and item > high):
+            raise UsageError(f"{label} parameter '{key}' = {format_value(value)} is out of range; "
+                             f"valid: {range_text(low, high)}")
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -184,6 +220,10 @@ def make_params(component: Component, values: dict[str, Any]) -> Any:
             kwargs[key] = coerce(raw, hints[key])
         except ValueError as exc:
             raise UsageError(f"bad value for {label} parameter '{key}': {exc}") from None
+    for f in dataclasses.fields(cls):
+        bounds = value_range(f)
+        if bounds is not None and f.name in kwargs:
+            check_range(label, f.name, kwargs[f.name], bounds)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
