@@ -27,10 +27,17 @@ from rich.table import Table
 from rich.text import Text
 
 from fsapp.checkpoint import atomic_write_text, file_sha256, load_model_file
+from fsapp.engine import events as ev
+from fsapp.engine.rundir import RunLog
 from fsapp.errors import FsappError, UsageError
 from fsapp.registry import parse_float
 
 DEFAULT_ATTACKS = ("pgd:steps=20", "cw:steps=20")
+
+
+class EventStream(RunLog):
+    """``--events FILE``: the job's events as JSON lines (EvalStarted, EvalProgress..., EvalFinished
+    or JobFailed), for a front end that follows the job from another process."""
 DEFAULT_TRANSFER = ("pgd:steps=20",)
 
 
@@ -126,6 +133,7 @@ class EvalProgressView:
             TimeRemainingColumn(), console=console, disable=not enabled, transient=False)
         self.tasks: dict[str, Any] = {}
         self.prefix = ""
+        self.stream: EventStream | None = None
 
     def __enter__(self) -> "EvalProgressView":
         self.progress.start()
@@ -136,6 +144,8 @@ class EvalProgressView:
 
     def on_batch(self, p: Any) -> None:
         label = self.prefix + p.key
+        if self.stream is not None:
+            self.stream.write(ev.EvalProgress(label, p.stage or "", p.done, p.total, p.robust))
         if label not in self.tasks:
             self.tasks[label] = self.progress.add_task(label, total=max(p.total, 1), robust="-")
         stage = f" [{p.stage}]" if p.stage else ""
@@ -177,6 +187,7 @@ def run_eval(
     robustbench_json: Path | None = None,
     resume: bool = False,
     state: Path | None = None,
+    events: Path | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate a model file; returns the JSON report (also written to ``eval/`` or ``out``).
 
@@ -240,6 +251,11 @@ def run_eval(
     common = dict(batch_size=batch_size, device=dev, seed=seed, shard=shard.active,
                   fingerprint={"model_sha256": model_sha, "source_sha256": source_sha})
     view = EvalProgressView(console, show)
+    stream = EventStream(events) if events is not None and lead else None
+    if stream is not None:
+        stream.write(ev.EvalStarted(str(model_path), n, white + transfer, list(sweeps), str(target)))
+        view.stream = stream
+    t_job = time.perf_counter()
     sweeps_out: list[dict[str, Any]] = []
     try:
         with view:
@@ -306,6 +322,9 @@ def run_eval(
     _remove_states(state_file)
     if shard.active:
         evalshard.finish()
+    if stream is not None:
+        stream.write(ev.EvalFinished(str(target), dict(data["accuracy"]), flags, time.perf_counter() - t_job))
+        stream.close()
     if show:
         render(console, data, model_path, target, pngs, sweeps_out)
     return data

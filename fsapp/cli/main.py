@@ -165,15 +165,37 @@ def eval_(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted evaluation with the same settings."),
     state: Optional[Path] = typer.Option(None, "--state", help="State file for --resume (default: a hidden file "
                                          "beside the report)."),
+    events: Optional[Path] = typer.Option(None, "--events", help="Append the job's events (JSON lines: started, "
+                                          "progress, finished or failed) to this file, for a front end to follow."),
 ) -> None:
     """Evaluate a saved model on its dataset's test split: clean, each attack, worst case, flags."""
     from fsapp.cli.evalcmd import run_eval
 
-    report = run_eval(model_path, attack, n=n, batch_size=batch_size, seed=seed, device=device, eps=eps,
-                      data_root=data_root, out=out, quiet=as_json, console=err_console, suites=suite, sweeps=sweep,
-                      source=source, robustbench_json=robustbench_json, resume=resume, state=state)
+    try:
+        report = run_eval(model_path, attack, n=n, batch_size=batch_size, seed=seed, device=device, eps=eps,
+                          data_root=data_root, out=out, quiet=as_json, console=err_console, suites=suite,
+                          sweeps=sweep, source=source, robustbench_json=robustbench_json, resume=resume,
+                          state=state, events=events)
+    except Exception as exc:
+        if events is not None:
+            _job_failed(events, exc)
+        raise
     if as_json and report is not None:
         sys.stdout.write(json.dumps(report) + "\n")
+
+
+def _job_failed(path: Path, exc: BaseException) -> None:
+    """Record a failed job's one line in its ``--events`` file (best effort)."""
+    from fsapp.engine import events as ev
+    from fsapp.engine.rundir import RunLog
+
+    message = str(exc) if isinstance(exc, FsappError) else f"{type(exc).__name__}: {exc}"
+    try:
+        log = RunLog(path)
+        log.write(ev.JobFailed(message))
+        log.close()
+    except OSError:
+        pass
 
 
 # -- config --------------------------------------------------------------------------------

@@ -93,9 +93,50 @@ class Finished(Event):
     stopped: bool = False
 
 
+@dataclass(frozen=True)
+class EvalStarted(Event):
+    """An evaluation job began: the model file, samples, attack specs, sweeps and the report path."""
+
+    model: str
+    n: int
+    attacks: list[str]
+    sweeps: list[str]
+    report: str
+
+
+@dataclass(frozen=True)
+class EvalProgress(Event):
+    """Progress of one attack (``stage``: an AutoAttack stage, else empty): samples done of total,
+    and how many of those are still robust."""
+
+    key: str
+    stage: str
+    done: int
+    total: int
+    robust: int
+
+
+@dataclass(frozen=True)
+class EvalFinished(Event):
+    """An evaluation job wrote its report."""
+
+    report: str
+    accuracy: dict[str, float]
+    flags: list[dict[str, str]]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class JobFailed(Event):
+    """A job (training or evaluation) ended with an error; ``message`` is its one line."""
+
+    message: str
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls
-    for cls in (RunStarted, StepEnd, EpochEnd, EvalResult, CheckpointSaved, Warning, ControlApplied, Finished)
+    for cls in (RunStarted, StepEnd, EpochEnd, EvalResult, CheckpointSaved, Warning, ControlApplied, Finished,
+                EvalStarted, EvalProgress, EvalFinished, JobFailed)
 }
 
 
