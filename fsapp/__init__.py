@@ -16,9 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from fsapp._version import __version__
 from fsapp.hookspecs import hookimpl
-
-__version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from fsapp.config import Config

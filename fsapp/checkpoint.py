@@ -170,7 +170,7 @@ def model_metadata(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Metadata for :func:`save_model` from a model spec (params include the dataset fields)."""
-    from fsapp import __version__
+    from fsapp._version import __version__
 
     meta = {
         "format": MODEL_FORMAT,

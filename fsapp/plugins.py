@@ -134,7 +134,7 @@ def load_registry(strict: bool | None = None) -> Registry:
         registry.failures.append(failure)
         log.warning("fsapp: %s", failure)
 
-    from fsapp import __version__
+    from fsapp._version import __version__
 
     for modname in BUILTIN_MODULES:
         module = importlib.import_module(modname)

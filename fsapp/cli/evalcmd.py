@@ -193,7 +193,7 @@ def run_eval(
 
     Under torchrun only rank 0 returns the report (the others return None).
     """
-    from fsapp import __version__
+    from fsapp._version import __version__
     from fsapp.engine import evalshard
     from fsapp.engine.evaluate import evaluate
     from fsapp.engine.sweep import parse_sweep, run_sweep

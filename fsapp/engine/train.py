@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fsapp import __version__
+from fsapp._version import __version__
 from fsapp.checkpoint import (
     atomic_write_text,
     model_metadata,
