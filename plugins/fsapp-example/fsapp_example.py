@@ -132,23 +132,41 @@ class NoiseAttackParams:
     eps: float = 8 / 255
     draws: int = 10
 
+    def __post_init__(self) -> None:
+        if self.eps < 0 or self.draws < 1:
+            raise ValueError("eps must be >= 0 and draws >= 1")
+
+
+class NoiseAttack:
+    """Random search: the first of ``draws`` uniform-noise points in the eps-ball that fools the model.
+
+    The class attributes declare the threat model and kind to fsapp's evaluator (it checks every
+    returned example against them): an L-inf ball of radius ``eps``, and ``decision`` access (only
+    the predicted labels are used), so it counts as a black-box attack in the flags.
+    """
+
+    norm = "Linf"
+    access = "decision"
+    loss = None
+
+    def __init__(self, p: NoiseAttackParams) -> None:
+        self.eps = p.eps
+        self.draws = p.draws
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        best = x.clone()
+        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        for _ in range(self.draws):
+            cand = (x + torch.empty_like(x).uniform_(-self.eps, self.eps)).clamp(0, 1)
+            wrong = model(cand).argmax(1) != y
+            take = wrong & ~fooled
+            best[take] = cand[take]
+            fooled |= wrong
+        return best
+
 
 @hookimpl
 def register_attacks(register):
-    def factory(p: NoiseAttackParams):
-        @torch.no_grad()
-        def attack(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-            best = x.clone()
-            fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-            for _ in range(p.draws):
-                cand = (x + torch.empty_like(x).uniform_(-p.eps, p.eps)).clamp(0, 1)
-                wrong = model(cand).argmax(1) != y
-                take = wrong & ~fooled
-                best[take] = cand[take]
-                fooled |= wrong
-            return best
-
-        return attack
-
-    register("example-noise", factory, params=NoiseAttackParams,
+    register("example-noise", NoiseAttack, params=NoiseAttackParams,
              description="the first of k uniform-noise draws in the eps-ball that fools the model")
