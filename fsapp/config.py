@@ -42,15 +42,16 @@ RUN_NAME_RULE = ("a run name is one path component of 1-100 letters, digits, '.'
 SEED = (0, 2**63 - 1)
 
 
-def _shown(value: Any) -> str:
-    """A value as messages show it: huge integers shortened, strings quoted, one line."""
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value as messages show it: huge integers and strings past ``limit`` shortened, strings
+    quoted (control characters escaped), one line."""
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(_shown(v) for v in value) + "]"
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**20:
         digits = str(abs(value))
         return f"{'-' if value < 0 else ''}{digits[0]}.{digits[1:4]}e+{len(digits) - 1}"
     if isinstance(value, str):
-        return repr(value if len(value) <= 60 else value[:60] + "...")
+        return repr(value if len(value) <= limit else value[:limit] + "...")
     return format_value(value)
 
 
@@ -64,14 +65,15 @@ def check_run_name(name: str) -> str:
 def _check_directory(text: str, what: str) -> Path:
     if not isinstance(text, str) or not text.strip():
         raise UsageError(f"{what} is empty; name a directory, e.g. runs")
+    shown = _shown(text, limit=1000)
     if "\0" in text:
-        raise UsageError(f"{what} = {_shown(text)} contains a NUL byte; name a directory")
+        raise UsageError(f"{what} = {shown} contains a NUL byte; name a directory")
     path = Path(text)
     try:
         if path.exists() and not path.is_dir():
-            raise UsageError(f"{what} = {_shown(text)} exists and is not a directory; name a directory")
+            raise UsageError(f"{what} = {shown} exists and is not a directory; name a directory")
     except OSError as exc:
-        raise UsageError(f"{what} = {_shown(text)} cannot be used: {exc.strerror or exc}") from None
+        raise UsageError(f"{what} = {shown} cannot be used: {exc.strerror or exc}") from None
     return path
 
 
@@ -89,7 +91,7 @@ def check_run_dir(path: str | Path) -> Path:
     text = str(path) if isinstance(path, Path) else path
     result = _check_directory(text, "--run-dir")
     if result.name in ("", ".", ".."):
-        raise UsageError(f"--run-dir = {_shown(text)} names no new directory; give the run's own "
+        raise UsageError(f"--run-dir = {_shown(text, limit=1000)} names no new directory; give the run's own "
                          "directory, e.g. runs/my-run")
     return result
 
