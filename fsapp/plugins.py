@@ -12,7 +12,8 @@ Built-ins register through the same hooks as third-party plugins (one hook per k
   line naming the qualified choices);
 - an error raised while a plugin's component is built or called (its factory, or the attack,
   perturbation or solver it returned) is one :class:`~fsapp.errors.PluginError` line naming the
-  plugin and the component. Built-ins are not wrapped: their errors are bugs.
+  plugin and the component (a ValueError or RuntimeError stays one, see
+  :func:`~fsapp.errors.plugin_failure`). Built-ins are not wrapped: their errors are bugs.
 
 ``FSAPP_LOAD_PLUGINS`` (comma-separated entry-point names, empty for none) chooses which
 entry-point plugins load; ``FSAPP_STRICT_PLUGINS=1`` (or ``--strict-plugins``) turns load
@@ -34,7 +35,7 @@ from typing import Any
 import pluggy
 
 from fsapp import hookspecs
-from fsapp.errors import FsappError, PluginError, UsageError
+from fsapp.errors import FsappError, PluginError, UsageError, plugin_failure
 from fsapp.registry import HOOKS, KINDS, Component, ModelParams, NoParams, Spec, parse_spec
 
 log = logging.getLogger("fsapp")
@@ -142,7 +143,7 @@ class GuardedCall:
         except (FsappError, KeyboardInterrupt):
             raise
         except BaseException as exc:  # noqa: BLE001 - plugin code fails alone
-            raise PluginError(f"{self._label} failed: {_one_line(exc)}") from exc
+            raise plugin_failure(f"{self._label} failed: {_one_line(exc)}", exc) from exc
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -168,7 +169,7 @@ def _guarded_factory(plugin: str, kind: str, name: str, factory: Callable[[Any],
         except (FsappError, KeyboardInterrupt):
             raise
         except BaseException as exc:  # noqa: BLE001 - plugin code fails alone
-            raise PluginError(f"{label} failed to build: {_one_line(exc)}") from exc
+            raise plugin_failure(f"{label} failed to build: {_one_line(exc)}", exc) from exc
         if kind in GUARDED_CALLS and callable(made):
             return GuardedCall(made, label)
         return made

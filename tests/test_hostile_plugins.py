@@ -183,6 +183,9 @@ def attribute_error(model, x, y):
 def exits(model, x, y):
     raise SystemExit(4)
 
+def value_error(model, x, y):
+    raise ValueError("needs 3 channels")
+
 class Tagged:
     norm = "Linf"
     eps = 0.25
@@ -195,6 +198,7 @@ def register_attacks(register):
     register("build-fails", build_fails)
     register("key-error", lambda p: key_error)
     register("exits", lambda p: exits)
+    register("value-error", lambda p: value_error)
     register("tagged", lambda p: Tagged())
 
 @hookimpl
@@ -223,6 +227,9 @@ def test_component_errors_name_the_plugin_and_component(install_plugin, fresh_re
         reg.create("perturbation", "attribute-error")(None, x, y)
     with pytest.raises(PluginError, match="component 'attack exits' failed: SystemExit: 4"):
         reg.create("attack", "exits")(None, x, y)
+    with pytest.raises(ValueError, match="component 'attack value-error' failed: ValueError: needs 3") as info:
+        reg.create("attack", "value-error")(None, x, y)  # still a ValueError: "cannot run here"
+    assert isinstance(info.value, PluginError)
     tagged = reg.create("attack", "tagged")
     assert tagged.norm == "Linf" and tagged.eps == 0.25 and type(tagged).__name__ == "GuardedCall"
     assert isinstance(tagged, sys.modules["runtime_mod"].Tagged)  # inspection sees the component
@@ -242,3 +249,21 @@ def test_component_error_in_training_is_one_line_exit_1(install_plugin, tmp_path
     errors = [line for line in _lines(proc.stderr) if line.startswith("error:")]
     assert errors == [errors[0]] and errors[0].startswith(
         "error: plugin 'runtime-plugin' component 'perturbation attribute-error' failed: AttributeError: "), errors
+
+
+def test_component_error_in_evaluation_is_one_line_exit_1(install_plugin, fresh_registry, tmp_path):
+    from fsapp.checkpoint import model_metadata, save_model
+    from fsapp.cli.main import app
+
+    install_plugin("runtime-plugin", "runtime_mod3", RUNTIME)
+    reg = fresh_registry()
+    params = {"num_classes": 10, "channels": 1, "size": 8, "hidden": 8, "layers": 1}
+    model = reg.create("model", "mlp", **params)
+    path = save_model(tmp_path / "model.safetensors", model, model_metadata("mlp", params, dataset="digits"))
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", str(path), "--attack", "key-error", "--n", "20"])
+    assert result.exit_code == 1, result.output
+    assert _lines(result.stderr)[-1] == "error: plugin 'runtime-plugin' component 'attack key-error' failed: " \
+                                        "KeyError: 'k'"
+    result = runner.invoke(app, ["eval", str(path), "--attack", "value-error", "--n", "20"])
+    assert result.exit_code == 2 and _lines(result.stderr)[-1].endswith("failed: ValueError: needs 3 channels")

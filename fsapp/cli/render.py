@@ -3,6 +3,7 @@ text is never read as markup), a live progress line and per-epoch robustness tab
 
 from __future__ import annotations
 
+import os
 import re
 
 from rich.console import Console
@@ -15,13 +16,19 @@ from fsapp.engine import events as ev
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+PIPE_WIDTH = 1000  # columns assumed when writing to a file or pipe (tables sized to their content)
+
+
 def make_console(stderr: bool = False) -> Console:
     """A console for results (stdout) or diagnostics (stderr). When it is not a terminal, long
-    lines are written whole (no wrapping in the middle of a path) and nothing is highlighted."""
+    lines are written whole (no wrapping in the middle of a path; tables as wide as their
+    content unless ``COLUMNS`` says otherwise) and nothing is highlighted."""
     console = Console(stderr=stderr)
     if not console.is_terminal:
         console.soft_wrap = True
         console.highlight = False  # type: ignore[attr-defined]
+        if not os.environ.get("COLUMNS"):
+            console.width = PIPE_WIDTH
     return console
 
 
