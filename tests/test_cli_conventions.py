@@ -89,10 +89,14 @@ def test_bracketed_text_in_errors_survives(tmp_path, monkeypatch):
     def fail(kind: str) -> None:
         if kind == "usage":
             raise UsageError("bad [optim]: lr must be > 0")
+        if kind == "lines":
+            raise FsappError("first\nsecond\tthird")
         raise FsappError("the PNG needs matplotlib: pip install 'fsapp[plots]' [/x] [bold]")
 
     result = runner.invoke(demo, ["usage"])
     assert result.exit_code == 2 and result.stderr == "error: bad [optim]: lr must be > 0\n"
+    result = runner.invoke(demo, ["lines"])
+    assert result.exit_code == 1 and result.stderr == "error: first\\nsecond\\tthird\n"  # one line, always
     result = runner.invoke(demo, ["other"])
     assert result.exit_code == 1
     assert result.stderr == "error: the PNG needs matplotlib: pip install 'fsapp[plots]' [/x] [bold]\n"
