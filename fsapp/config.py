@@ -16,143 +16,205 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+from fsapp.devices import check_device_name
 from fsapp.errors import UsageError
-from fsapp.registry import ModelParams, coerce, format_value, type_name
+from fsapp.registry import (
+    ModelParams,
+    coerce,
+    format_value,
+    in_range,
+    open_ends,
+    range_text,
+    ranged,
+    type_name,
+    value_range,
+)
 
 EPS8 = 8 / 255
 STEP2 = 2 / 255
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,99}")
+RUN_NAME_RULE = ("a run name is one path component of 1-100 letters, digits, '.', '_' or '-', "
+                 "not starting with '.' (leave it empty for a timestamped name)")
+SEED = (0, 2**63 - 1)
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value as messages show it: huge integers and strings past ``limit`` shortened, strings
+    quoted (control characters escaped), one line."""
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**20:
+        digits = str(abs(value))
+        return f"{'-' if value < 0 else ''}{digits[0]}.{digits[1:4]}e+{len(digits) - 1}"
+    if isinstance(value, str):
+        return repr(value if len(value) <= limit else value[:limit] + "...")
+    return format_value(value)
+
+
+def check_run_name(name: str) -> str:
+    """``name`` if it is a safe run name (one path component; empty: a timestamped name is made)."""
+    if name != "" and not (isinstance(name, str) and RUN_NAME.fullmatch(name)):
+        raise UsageError(f"run.name = {_shown(name)} is not allowed; {RUN_NAME_RULE}")
+    return name
+
+
+def _check_directory(text: str, what: str) -> Path:
+    if not isinstance(text, str) or not text.strip():
+        raise UsageError(f"{what} is empty; name a directory, e.g. runs")
+    shown = _shown(text, limit=1000)
+    if "\0" in text:
+        raise UsageError(f"{what} = {shown} contains a NUL byte; name a directory")
+    path = Path(text)
+    try:
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{what} = {shown} exists and is not a directory; name a directory")
+    except OSError as exc:
+        raise UsageError(f"{what} = {shown} cannot be used: {exc.strerror or exc}") from None
+    return path
+
+
+def check_runs_dir(text: str) -> str:
+    """``run.runs_dir``: a directory (new or existing) where runs are made."""
+    _check_directory(text, "run.runs_dir")
+    return text
+
+
+def check_run_dir(path: str | Path) -> Path:
+    """The ``--run-dir`` of a new run: a directory path, not empty, not ``.``/``..``, not a file.
+
+    Give it the option's text as typed: ``Path("")`` is ``Path(".")``, refused here as well.
+    """
+    text = str(path) if isinstance(path, Path) else path
+    result = _check_directory(text, "--run-dir")
+    if result.name in ("", ".", ".."):
+        raise UsageError(f"--run-dir = {_shown(text, limit=1000)} names no new directory; give the run's own "
+                         "directory, e.g. runs/my-run")
+    return result
+
+
+class _Section:
+    """Base of the fixed sections: every ``ranged`` field is checked on construction, with one
+    line naming the key, the value and the valid range (one source of truth: the field)."""
+
+    TABLE: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            bounds = value_range(f)
+            value = getattr(self, f.name)
+            if bounds is not None and not in_range(value, bounds, open_ends(f)):
+                raise UsageError(f"{self.TABLE}.{f.name} = {_shown(value)} is out of range; "
+                                 f"valid: {range_text(*bounds, *open_ends(f))}")
+        self.check()
+
+    def check(self) -> None:
+        """Checks beyond ranges (names, orderings); raise UsageError naming the key."""
+
+
 @dataclass
-class RunSection:
+class RunSection(_Section):
     """Where the run lives and how it executes."""
 
+    TABLE: ClassVar[str] = "run"
     name: str = ""
     runs_dir: str = "runs"
-    seed: int = 0
+    seed: int = ranged(0, *SEED)
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False  # SyncBatchNorm across torchrun processes (CUDA only; ignored in one process)
-    log_every: int = 10
-    checkpoint_every: int = 0
-    max_bad_steps: int = 10
+    log_every: int = ranged(10, 1, 10**9)
+    checkpoint_every: int = ranged(0, 0, 10**9)  # 0: at the end of each epoch
+    max_bad_steps: int = ranged(10, 0, 10**9)
     host_checks: Literal["auto", "every-step", "log-points"] = "auto"
 
-    def __post_init__(self) -> None:
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
-        if self.log_every < 1:
-            raise ValueError("log_every must be >= 1")
-        if self.checkpoint_every < 0:
-            raise ValueError("checkpoint_every must be >= 0 (0: at the end of each epoch)")
-        if self.max_bad_steps < 0:
-            raise ValueError("max_bad_steps must be >= 0")
+    def check(self) -> None:
+        check_run_name(self.name)
+        check_runs_dir(self.runs_dir)
+        try:
+            check_device_name(self.device)
+        except UsageError as exc:
+            raise UsageError(f"run.device: {exc}") from None
 
 
 @dataclass
-class DataSection:
+class DataSection(_Section):
     """The dataset, its batching and augmentation (other keys: the dataset's parameters)."""
 
+    TABLE: ClassVar[str] = "data"
     name: str = "digits"
-    batch_size: int = 60
-    train_limit: int = 0
+    batch_size: int = ranged(60, 2, 65536)  # >= 2: the transport plan couples the batch
+    train_limit: int = ranged(0, 0, 10**9)  # 0: all samples
     augment: Literal["auto", "none", "crop-flip"] = "auto"
     on_device: bool = True  # false: keep the uint8 set in (pinned) host memory, move each batch
 
-    def __post_init__(self) -> None:
-        if self.batch_size < 2:
-            raise ValueError("batch_size must be >= 2 (the transport plan couples the batch)")
-        if self.train_limit < 0:
-            raise ValueError("train_limit must be >= 0 (0: all samples)")
-
 
 @dataclass
-class ModelSection:
+class ModelSection(_Section):
     """The model's name (other keys: the model's parameters)."""
 
+    TABLE: ClassVar[str] = "model"
     name: str = "small-cnn"
 
 
 @dataclass
-class MethodSection:
-    """The training method: a perturbation scheme, its budget, a solver and the outer loss."""
+class MethodSection(_Section):
+    """The training method: a perturbation scheme, its budget, a solver and the outer loss.
+    Budgets are in [0, 1] pixel units (8/255 is the usual CIFAR eps)."""
 
+    TABLE: ClassVar[str] = "method"
     perturbation: str = "feature-scatter"
     solver: str = "sinkhorn"
-    epsilon: float = EPS8
-    step_size: float = EPS8
-    steps: int = 1
+    epsilon: float = ranged(EPS8, 0, 1)
+    step_size: float = ranged(EPS8, 0, 1)
+    steps: int = ranged(1, 1, 10000)
     loss: Literal["soft-ce", "ce"] = "soft-ce"
-    label_smoothing: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.epsilon < 0 or self.step_size < 0:
-            raise ValueError("epsilon and step_size must be >= 0")
-        if self.steps < 1:
-            raise ValueError("steps must be >= 1")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError("label_smoothing must be in [0, 1)")
+    label_smoothing: float = ranged(0.5, 0, 1, high_open=True)
 
 
 @dataclass
-class OptimSection:
+class OptimSection(_Section):
     """SGD with momentum and weight decay on all parameters."""
 
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 2e-4
+    TABLE: ClassVar[str] = "optim"
+    lr: float = ranged(0.1, 0, 10, low_open=True)
+    momentum: float = ranged(0.9, 0, 1, high_open=True)
+    weight_decay: float = ranged(2e-4, 0, 1)
     nesterov: bool = False
 
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError("lr must be > 0")
-        if not 0 <= self.momentum < 1:
-            raise ValueError("momentum must be in [0, 1)")
-        if self.weight_decay < 0:
-            raise ValueError("weight_decay must be >= 0")
-
 
 @dataclass
-class ScheduleSection:
+class ScheduleSection(_Section):
     """Epochs and a piecewise-constant learning rate (multiplied by gamma at each milestone)."""
 
-    epochs: int = 15
-    milestones: tuple[int, ...] = (10, 13)
-    gamma: float = 0.1
+    TABLE: ClassVar[str] = "schedule"
+    epochs: int = ranged(15, 1, 100000)
+    milestones: tuple[int, ...] = ranged((10, 13), 1, 100000)
+    gamma: float = ranged(0.1, 0, 1, low_open=True)
 
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError("epochs must be >= 1")
-        if any(m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
-            raise ValueError("milestones must be increasing epoch numbers >= 1")
-        if not 0 < self.gamma <= 1:
-            raise ValueError("gamma must be in (0, 1]")
+    def check(self) -> None:
+        if list(self.milestones) != sorted(set(self.milestones)):
+            raise UsageError(f"schedule.milestones = {_shown(self.milestones)} must be increasing epoch numbers")
 
 
 @dataclass
-class EvalSection:
+class EvalSection(_Section):
     """Live robustness evaluation on a fixed held-out subset, after every ``every`` epochs."""
 
-    n: int = 200
-    every: int = 1
-    eps: float = EPS8
-    step_size: float = STEP2
+    TABLE: ClassVar[str] = "eval"
+    n: int = ranged(200, 0, 10**7)
+    every: int = ranged(1, 1, 100000)
+    eps: float = ranged(EPS8, 0, 1)
+    step_size: float = ranged(STEP2, 0, 1)
     attacks: tuple[str, ...] = ("pgd:steps=20", "cw:steps=20")
-    autoattack_n: int = 0
-    batch_size: int = 250
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.n < 0 or self.autoattack_n < 0:
-            raise ValueError("n and autoattack_n must be >= 0")
-        if self.every < 1:
-            raise ValueError("every must be >= 1")
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+    autoattack_n: int = ranged(0, 0, 10**7)
+    batch_size: int = ranged(250, 1, 65536)
+    seed: int = ranged(0, *SEED)
 
 
 SECTIONS: dict[str, type] = {
@@ -340,6 +402,8 @@ def from_tables(tables: dict[str, Any], source: str = "config") -> Config:
                 raise UsageError(f"{source}: bad value for {table}.{key}: {exc}") from None
         try:
             setattr(cfg, table, cls(**kwargs))
+        except UsageError as exc:  # names the key already
+            raise UsageError(f"{source}: {exc}") from None
         except (ValueError, TypeError) as exc:
             raise UsageError(f"{source}: bad [{table}]: {exc}") from None
     names = {t: dataclasses.asdict(getattr(cfg, t)) for t in SECTIONS}

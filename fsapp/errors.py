@@ -12,7 +12,26 @@ class UsageError(FsappError, ValueError):
 
 
 class PluginError(FsappError):
-    """A plugin broke the contract (duplicate names, malformed results)."""
+    """A plugin broke the contract (duplicate names, malformed results), or its code failed."""
+
+
+class PluginValueError(PluginError, ValueError):
+    """A plugin component raised ValueError: it cannot run on this model or data. Still a
+    ValueError, so callers that treat "cannot run" specially keep doing so."""
+
+
+class PluginRuntimeError(PluginError, RuntimeError):
+    """A plugin component raised RuntimeError (torch's errors, e.g. no input gradient). Still a
+    RuntimeError, so callers that recognise torch's messages keep doing so."""
+
+
+def plugin_failure(message: str, cause: BaseException) -> PluginError:
+    """The :class:`PluginError` for a plugin's failing code, keeping ValueError/RuntimeError kinds."""
+    if isinstance(cause, ValueError):
+        return PluginValueError(message)
+    if isinstance(cause, RuntimeError):
+        return PluginRuntimeError(message)
+    return PluginError(message)
 
 
 class TrainingAborted(FsappError):

@@ -1,9 +1,23 @@
 """The plugin manager: built-ins plus entry points (group ``fsapp``), failures isolated.
 
-Built-ins register through the same hooks as third-party plugins. A plugin that fails to
-import, or whose hook raises, costs one warning line and nothing else. ``FSAPP_LOAD_PLUGINS``
-(comma-separated entry-point names, empty for none) chooses which entry-point plugins load;
-``FSAPP_STRICT_PLUGINS=1`` (or ``--strict-plugins``) turns load failures into errors.
+Built-ins register through the same hooks as third-party plugins (one hook per kind, listed in
+:mod:`fsapp.hookspecs`). Plugins fail alone:
+
+- a plugin whose import or hook raises (any exception but KeyboardInterrupt, SystemExit
+  included) costs one warning line (a :class:`PluginFailure`) and nothing else;
+- a component registered with a bad name, params or factory is skipped with one warning line;
+- a name provided twice is one warning line, and both components stay reachable under their
+  qualified names ``plugin/name`` (e.g. ``fsapp/pgd``, ``my-plugin/pgd``). A built-in keeps its
+  plain name; two plugins sharing a name leave the plain name ambiguous (asking for it is one
+  line naming the qualified choices);
+- an error raised while a plugin's component is built or called (its factory, or the attack,
+  perturbation or solver it returned) is one :class:`~fsapp.errors.PluginError` line naming the
+  plugin and the component (a ValueError or RuntimeError stays one, see
+  :func:`~fsapp.errors.plugin_failure`). Built-ins are not wrapped: their errors are bugs.
+
+``FSAPP_LOAD_PLUGINS`` (comma-separated entry-point names, empty for none) chooses which
+entry-point plugins load; ``FSAPP_STRICT_PLUGINS=1`` (or ``--strict-plugins``) turns load
+failures and duplicate names into errors.
 """
 
 from __future__ import annotations
@@ -12,6 +26,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -20,8 +35,8 @@ from typing import Any
 import pluggy
 
 from fsapp import hookspecs
-from fsapp.errors import PluginError, UsageError
-from fsapp.registry import KINDS, Component, Spec, parse_spec
+from fsapp.errors import FsappError, PluginError, UsageError, plugin_failure
+from fsapp.registry import HOOKS, KINDS, Component, ModelParams, NoParams, Spec, parse_spec
 
 log = logging.getLogger("fsapp")
 
@@ -35,18 +50,16 @@ BUILTIN_MODULES = (
     "fsapp.builtins.attacks",
     "fsapp.builtins.autoattack",
 )
-HOOKS = {
-    "model": "register_models",
-    "dataset": "register_datasets",
-    "solver": "register_solvers",
-    "perturbation": "register_perturbations",
-    "attack": "register_attacks",
-}
+GUARDED_CALLS = ("solver", "perturbation", "attack")  # kinds whose factory returns a plain callable
+COMPONENT_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
+QUALIFIER = "/"  # ``plugin/name``: one plugin's component when two provide the same name
+
+__all__ = ["HOOKS", "KINDS", "PluginFailure", "Registry", "get_registry", "load_registry", "reset_registry"]
 
 
 @dataclass(frozen=True)
 class PluginFailure:
-    """A plugin that could not load or register, with a one-line reason."""
+    """A plugin (or one of its components) that could not load or register, with a one-line reason."""
 
     plugin: str
     reason: str
@@ -57,28 +70,39 @@ class PluginFailure:
 
 @dataclass
 class Registry:
-    """Every registered component by kind, plus the plugins that failed."""
+    """Every registered component by kind, plus the plugins that failed.
+
+    ``components[kind]`` maps each reachable name to its component: plain names, plus
+    ``plugin/name`` for a component whose plain name is taken. Any component can also be asked
+    for by its qualified name (see :meth:`get`).
+    """
 
     components: dict[str, dict[str, Component]] = field(
         default_factory=lambda: {k: {} for k in KINDS}
     )
     failures: list[PluginFailure] = field(default_factory=list)
-    duplicates: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # duplicate names (visible, not failures)
+    qualified: dict[str, dict[str, Component]] = field(
+        default_factory=lambda: {k: {} for k in KINDS}
+    )
+    ambiguous: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # plain -> qualified
     plugins: dict[str, str] = field(default_factory=dict)  # plugin name -> version
 
     def names(self, kind: str) -> list[str]:
-        """Sorted names of the components of ``kind``."""
+        """Sorted names of the components of ``kind`` (qualified where a plain name is shared)."""
         return sorted(self._kind(kind))
 
     def get(self, kind: str, name: str) -> Component:
-        """The component called ``name``; a clear error names the valid ones."""
+        """The component called ``name`` (or ``plugin/name``); a clear error names the valid ones."""
         table = self._kind(kind)
-        if (kind, name) in self.duplicates:
-            who = " and ".join(f"'{p}'" for p in self.duplicates[(kind, name)])
-            raise PluginError(f"{kind} '{name}' is registered twice, by {who}; uninstall one")
-        if name not in table:
-            raise UsageError(f"unknown {kind} {name!r}; available: {', '.join(sorted(table))}")
-        return table[name]
+        if name in table:
+            return table[name]
+        if name in self.qualified[kind]:
+            return self.qualified[kind][name]
+        if (kind, name) in self.ambiguous:
+            choices = " or ".join(self.ambiguous[(kind, name)])
+            raise UsageError(f"{kind} {name!r} is provided by more than one plugin; name one: {choices}")
+        raise UsageError(f"unknown {kind} {name!r}; available: {', '.join(sorted(table))}")
 
     def create(self, kind: str, spec: str | Spec, **params: Any) -> Any:
         """Build a component from a spec string (``"name:key=value"``) plus keyword params."""
@@ -86,22 +110,73 @@ class Registry:
         component = self.get(kind, parsed.name)
         merged: dict[str, Any] = dict(parsed.params)
         merged.update(params)
-        try:
-            return component.build(merged)
-        except (UsageError, PluginError):
-            raise
-        except Exception as exc:  # a factory that raises must not take fsapp down
-            if component.plugin == BUILTIN_PLUGIN:
-                raise
-            raise PluginError(
-                f"{kind} '{parsed.name}' from plugin '{component.plugin}' failed to build: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        return component.build(merged)
 
     def _kind(self, kind: str) -> dict[str, Component]:
         if kind not in self.components:
             raise UsageError(f"unknown component kind '{kind}'; valid: {', '.join(KINDS)}")
         return self.components[kind]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return " ".join(text.split())
+
+
+class GuardedCall:
+    """A plugin's callable component (attack, perturbation, solver): an error raised while it runs
+    becomes one :class:`PluginError` line naming the plugin and the component.
+
+    Attribute reads and writes pass through, and ``isinstance`` sees the component's own class,
+    so code that inspects a component (its ``norm``, ``eps``...) sees the component.
+    """
+
+    __slots__ = ("_inner", "_label")
+
+    def __init__(self, inner: Callable[..., Any], label: str) -> None:
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_label", label)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._inner(*args, **kwargs)
+        except (FsappError, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - plugin code fails alone
+            raise plugin_failure(f"{self._label} failed: {_one_line(exc)}", exc) from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._inner, name, value)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # isinstance() checks see the wrapped component
+        return type(self._inner)
+
+    def __repr__(self) -> str:
+        return f"GuardedCall({self._inner!r})"
+
+
+def _guarded_factory(plugin: str, kind: str, name: str, factory: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``factory`` whose errors, and those of the callable it returns, name the plugin and component."""
+    label = f"plugin '{plugin}' component '{kind} {name}'"
+
+    def build(params: Any) -> Any:
+        try:
+            made = factory(params)
+        except (FsappError, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - plugin code fails alone
+            raise plugin_failure(f"{label} failed to build: {_one_line(exc)}", exc) from exc
+        if kind in GUARDED_CALLS and callable(made):
+            return GuardedCall(made, label)
+        return made
+
+    build.__doc__ = getattr(factory, "__doc__", None)
+    build.__wrapped__ = factory  # type: ignore[attr-defined]
+    return build
 
 
 def _selected_entry_points() -> list[metadata.EntryPoint]:
@@ -134,6 +209,12 @@ def load_registry(strict: bool | None = None) -> Registry:
         registry.failures.append(failure)
         log.warning("fsapp: %s", failure)
 
+    def warn(message: str) -> None:
+        if strict:
+            raise PluginError(message)
+        registry.warnings.append(message)
+        log.warning("fsapp: %s", message)
+
     from fsapp._version import __version__
 
     for modname in BUILTIN_MODULES:
@@ -147,8 +228,10 @@ def load_registry(strict: bool | None = None) -> Registry:
         try:
             obj = ep.load()
             pm.register(obj, name=f"{plugin}:{ep.name}")
-        except Exception as exc:
-            fail(plugin, f"import failed: {type(exc).__name__}: {exc}")
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - SystemExit from a plugin must not end fsapp
+            fail(plugin, f"import failed: {_one_line(exc)}")
             continue
         owners[id(obj)] = plugin
         dist = getattr(ep, "dist", None)
@@ -158,18 +241,34 @@ def load_registry(strict: bool | None = None) -> Registry:
         hook = getattr(pm.hook, hook_name)
         for impl in hook.get_hookimpls():  # registration order
             plugin = owners.get(id(impl.plugin), impl.plugin_name)
-            register = _make_register(registry, kind, plugin, fail)
+            register = _make_register(registry, kind, plugin, fail, warn)
             try:
                 impl.function(register=register)
-            except Exception as exc:
-                if plugin == BUILTIN_PLUGIN:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - SystemExit from a plugin must not end fsapp
+                if plugin == BUILTIN_PLUGIN or (strict and isinstance(exc, PluginError)):
                     raise
-                fail(plugin, f"hook {hook_name} raised {type(exc).__name__}: {exc}")
+                fail(plugin, f"hook {hook_name} raised {_one_line(exc)}")
     return registry
 
 
+def _check_params(kind: str, params: Any) -> str | None:
+    """Why ``params`` cannot be a component's parameter dataclass, or None."""
+    if not (isinstance(params, type) and dataclasses.is_dataclass(params)):
+        return f"params must be a dataclass, got {params!r}"
+    if kind == "model" and not issubclass(params, ModelParams):
+        return "a model's params must subclass fsapp.registry.ModelParams"
+    try:  # listings and forms read every field's type and default
+        Component(kind, "-", lambda p: p, params, "-").param_table()
+    except Exception as exc:  # noqa: BLE001 - unresolvable annotations, failing default factories
+        return f"params cannot be read: {_one_line(exc)}"
+    return None
+
+
 def _make_register(
-    registry: Registry, kind: str, plugin: str, fail: Callable[[str, str], None]
+    registry: Registry, kind: str, plugin: str,
+    fail: Callable[[str, str], None], warn: Callable[[str], None],
 ) -> Callable[..., None]:
     def register(
         name: str,
@@ -177,22 +276,52 @@ def _make_register(
         params: type | None = None,
         description: str = "",
     ) -> None:
-        from fsapp.registry import NoParams
-
         params = params or NoParams
-        if not isinstance(name, str) or not name or ":" in name or "," in name:
-            fail(plugin, f"registered a {kind} with an invalid name {name!r}")
+        if not isinstance(name, str) or not COMPONENT_NAME.fullmatch(name):
+            fail(plugin, f"registered a {kind} with an invalid name {name!r}; names are 1-100 letters, "
+                         "digits, '-', '_', '.'")
             return
-        if not dataclasses.is_dataclass(params) or not callable(factory):
-            fail(plugin, f"{kind} '{name}' needs a callable factory and a dataclass of params")
+        if not callable(factory):
+            fail(plugin, f"{kind} '{name}': the factory is not callable ({factory!r})")
             return
+        if (why := _check_params(kind, params)) is not None:
+            fail(plugin, f"{kind} '{name}': {why}")
+            return
+        if not isinstance(description, str):
+            fail(plugin, f"{kind} '{name}': the description must be a string, got {type(description).__name__}")
+            return
+        qualified = f"{plugin}{QUALIFIER}{name}"
+        if qualified in registry.qualified[kind]:
+            fail(plugin, f"registered {kind} '{name}' twice")
+            return
+        if plugin != BUILTIN_PLUGIN:
+            factory = _guarded_factory(plugin, kind, name, factory)
+        component = Component(kind, name, factory, params, plugin, " ".join(description.split()))
+        registry.qualified[kind][qualified] = component
         table = registry.components[kind]
-        if name in table:
-            first = table[name].plugin
-            registry.duplicates[(kind, name)] = [first, plugin]
-            log.warning("fsapp: %s '%s' is registered by both '%s' and '%s'", kind, name, first, plugin)
+        if (kind, name) in registry.ambiguous:  # a third plugin joins the clash
+            registry.ambiguous[(kind, name)].append(qualified)
+            table[qualified] = dataclasses.replace(component, name=qualified)
+            warn(f"{kind} '{name}' is provided by more than one plugin; name one: "
+                 + " or ".join(registry.ambiguous[(kind, name)]))
             return
-        table[name] = Component(kind, name, factory, params, plugin, description)
+        if name not in table:
+            table[name] = component
+            return
+        first = table[name]
+        if plugin == BUILTIN_PLUGIN:
+            raise PluginError(f"built-in {kind} '{name}' is registered twice")
+        table[qualified] = dataclasses.replace(component, name=qualified)
+        if first.plugin == BUILTIN_PLUGIN:
+            warn(f"plugin '{plugin}' provides {kind} '{name}', a built-in name: '{name}' is the built-in, "
+                 f"'{qualified}' is the plugin's")
+            return
+        first_qualified = f"{first.plugin}{QUALIFIER}{name}"
+        del table[name]
+        table[first_qualified] = dataclasses.replace(first, name=first_qualified)
+        registry.ambiguous[(kind, name)] = [first_qualified, qualified]
+        warn(f"{kind} '{name}' is provided by plugins '{first.plugin}' and '{plugin}'; "
+             f"name one: {first_qualified} or {qualified}")
 
     return register
 

@@ -11,10 +11,24 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal, Union, get_args, get_origin
 
+from fsapp import hookspecs
 from fsapp.errors import UsageError
 
-_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
-KINDS: tuple[str, ...] = ("model", "dataset", "solver", "perturbation", "attack")
+_NAME = re.compile(r"(?:[A-Za-z0-9_.\-]+/)?[A-Za-z0-9_.\-]+")  # ``name`` or ``plugin/name``
+
+
+def _hooks_from_specs() -> dict[str, str]:
+    """Component kind -> hook name, one per ``register_<kind>s`` hookspec in :mod:`fsapp.hookspecs`
+    (in definition order): a new kind of component needs one new hookspec and nothing else here."""
+    hooks = {}
+    for name, fn in vars(hookspecs).items():
+        if callable(fn) and getattr(fn, "fsapp_spec", None) is not None and name.startswith("register_"):
+            hooks[name.removeprefix("register_").removesuffix("s")] = name
+    return hooks
+
+
+HOOKS: dict[str, str] = _hooks_from_specs()
+KINDS: tuple[str, ...] = tuple(HOOKS)
 
 
 @dataclass
@@ -51,7 +65,7 @@ class Component:
         for f in dataclasses.fields(self.params):
             row = {"name": f.name, "type": type_name(hints[f.name]), "default": _default(f)}
             if (bounds := value_range(f)) is not None:
-                row["range"] = range_text(*bounds)
+                row["range"] = range_text(*bounds, *open_ends(f))
             rows.append(row)
         return rows
 
@@ -61,13 +75,19 @@ class Component:
         return self.factory(instance)
 
 
-def ranged(default: Any, low: float | None = None, high: float | None = None) -> Any:
-    """A parameter field with an inclusive valid range, checked wherever the parameter is set
-    (config files, ``--set``, spec strings, model-file metadata): ``width: int = ranged(16, 1, 4096)``.
+def ranged(default: Any, low: float | None = None, high: float | None = None, *,
+           low_open: bool = False, high_open: bool = False) -> Any:
+    """A parameter field with a valid range, checked wherever the parameter is set (config
+    files, ``--set``, spec strings, model-file metadata): ``width: int = ranged(16, 1, 4096)``.
 
-    Tuples and lists are checked element by element. The range shows in ``fsapp plugins list``.
+    Bounds are inclusive unless ``low_open``/``high_open`` (``lr: float = ranged(0.1, 0, 10,
+    low_open=True)`` means 0 < lr <= 10). Tuples and lists are checked element by element.
+    The range shows in ``fsapp plugins list``.
     """
-    return field(default=default, metadata={"range": (low, high)})
+    metadata: dict[str, Any] = {"range": (low, high)}
+    if low_open or high_open:
+        metadata["open"] = (low_open, high_open)
+    return field(default=default, metadata=metadata)
 
 
 def value_range(f: dataclasses.Field) -> tuple[float | None, float | None] | None:
@@ -75,23 +95,50 @@ def value_range(f: dataclasses.Field) -> tuple[float | None, float | None] | Non
     return f.metadata.get("range") if f.metadata else None
 
 
-def range_text(low: float | None, high: float | None) -> str:
-    """``1..4096``, ``>= 0`` or ``<= 1`` as shown in messages and listings."""
-    if low is not None and high is not None:
-        return f"{low:g}..{high:g}"
-    return f">= {low:g}" if low is not None else f"<= {high:g}"
+def open_ends(f: dataclasses.Field) -> tuple[bool, bool]:
+    """Whether a ranged field's low and high bounds are excluded."""
+    return f.metadata.get("open", (False, False)) if f.metadata else (False, False)
 
 
-def check_range(label: str, key: str, value: Any, bounds: tuple[float | None, float | None]) -> None:
-    """UsageError naming ``key``, ``value`` and the valid range when a number falls outside it."""
+def _bound(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def range_text(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
+    """``1..4096``, ``>= 0``, ``<= 1`` or ``> 0 and <= 10`` as shown in messages and listings."""
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {_bound(low)}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {_bound(high)}")
+    if low is not None and high is not None and not (low_open or high_open):
+        return f"{_bound(low)}..{_bound(high)}"
+    return " and ".join(parts)
+
+
+def in_range(value: Any, bounds: tuple[float | None, float | None],
+             open_: tuple[bool, bool] = (False, False)) -> bool:
+    """Whether a number (or every number of a tuple or list) lies in ``bounds``; NaN never does."""
     low, high = bounds
     items = value if isinstance(value, (tuple, list)) else (value,)
     for item in items:
         if isinstance(item, bool) or not isinstance(item, (int, float)):
             continue
-        if math.isnan(item) or (low is not None and item < low) or (high is not None and item > high):
-            raise UsageError(f"{label} parameter '{key}' = {format_value(value)} is out of range; "
-                             f"valid: {range_text(low, high)}")
+        if math.isnan(item):
+            return False
+        if low is not None and (item <= low if open_[0] else item < low):
+            return False
+        if high is not None and (item >= high if open_[1] else item > high):
+            return False
+    return True
+
+
+def check_range(label: str, key: str, value: Any, bounds: tuple[float | None, float | None],
+                open_: tuple[bool, bool] = (False, False)) -> None:
+    """UsageError naming ``key``, ``value`` and the valid range when a number falls outside it."""
+    if not in_range(value, bounds, open_):
+        raise UsageError(f"{label} parameter '{key}' = {format_value(value)} is out of range; "
+                         f"valid: {range_text(*bounds, *open_)}")
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -223,7 +270,7 @@ def make_params(component: Component, values: dict[str, Any]) -> Any:
     for f in dataclasses.fields(cls):
         bounds = value_range(f)
         if bounds is not None and f.name in kwargs:
-            check_range(label, f.name, kwargs[f.name], bounds)
+            check_range(label, f.name, kwargs[f.name], bounds, open_ends(f))
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
@@ -244,7 +291,7 @@ class Spec:
 
 
 def parse_spec(spec: str) -> Spec:
-    """Parse ``"name"`` or ``"name:key=value,key=value"``."""
+    """Parse ``"name"`` or ``"name:key=value,key=value"`` (``name`` may be ``plugin/name``)."""
     if not isinstance(spec, str) or not spec.strip():
         raise UsageError(f"empty component spec {spec!r}; expected 'name' or 'name:key=value,...'")
     name, _, rest = spec.strip().partition(":")
@@ -252,7 +299,8 @@ def parse_spec(spec: str) -> Spec:
     if not name:
         raise UsageError(f"spec {spec!r} has no component name; expected 'name:key=value,...'")
     if not _NAME.fullmatch(name):
-        raise UsageError(f"bad component name {name!r} in spec {spec!r}; names use letters, digits, '-', '_', '.'")
+        raise UsageError(f"bad component name {name!r} in spec {spec!r}; names use letters, digits, '-', '_', '.', "
+                         "and 'plugin/name' picks one plugin's component")
     params: dict[str, str] = {}
     if rest.strip():
         for item in rest.split(","):

@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from fsapp.errors import PluginError
-from fsapp.plugins import load_registry
+from fsapp.errors import PluginError, UsageError
+from fsapp.plugins import HOOKS, load_registry
+from fsapp.registry import KINDS
 
 GOOD = """
 from dataclasses import dataclass
@@ -78,18 +79,54 @@ def test_strict_mode_turns_failures_into_errors(install_plugin):
         load_registry(strict=True)
 
 
-def test_duplicate_name_is_a_clear_error_naming_both(install_plugin):
+def test_duplicate_of_a_builtin_keeps_both_reachable(install_plugin, caplog):
     install_plugin("dupe-plugin", "dupe_mod", """
 from fsapp import hookimpl
 
 @hookimpl
 def register_attacks(register):
-    register("pgd", lambda p: (lambda model, x, y: x))
+    register("pgd", lambda p: (lambda model, x, y: x + 0.5))
 """)
     reg = load_registry()
-    with pytest.raises(PluginError, match="'fsapp' and 'dupe-plugin'"):
-        reg.create("attack", "pgd")
-    assert "fgsm" in reg.names("attack")
+    assert reg.get("attack", "pgd").plugin == "fsapp"
+    assert reg.get("attack", "fsapp/pgd").plugin == "fsapp"
+    assert reg.get("attack", "dupe-plugin/pgd").plugin == "dupe-plugin"
+    assert "dupe-plugin/pgd" in reg.names("attack") and "pgd" in reg.names("attack")
+    x = torch.zeros(2, 1, 4, 4)
+    assert reg.create("attack", "dupe-plugin/pgd")(None, x, None).max() == 0.5
+    assert len(reg.warnings) == 1 and "'dupe-plugin/pgd'" in reg.warnings[0]
+    assert any("dupe-plugin/pgd" in r.getMessage() for r in caplog.records if r.name == "fsapp")
+
+
+def test_duplicate_between_plugins_is_ambiguous_until_qualified(install_plugin):
+    for dist, mod, value in (("first-plugin", "first_mod", 1.0), ("second-plugin", "second_mod", 2.0)):
+        install_plugin(dist, mod, f"""
+from fsapp import hookimpl
+
+@hookimpl
+def register_attacks(register):
+    register("shared", lambda p: (lambda model, x, y: x + {value}))
+""")
+    reg = load_registry()
+    with pytest.raises(UsageError, match="name one: first-plugin/shared or second-plugin/shared"):
+        reg.get("attack", "shared")
+    x = torch.zeros(1)
+    assert reg.create("attack", "first-plugin/shared")(None, x, None).item() == 1.0
+    assert reg.create("attack", "second-plugin/shared:")(None, x, None).item() == 2.0
+    assert "shared" not in reg.names("attack") and "second-plugin/shared" in reg.names("attack")
+    assert len(reg.warnings) == 1 and not reg.failures
+
+
+def test_duplicate_is_an_error_in_strict_mode(install_plugin):
+    install_plugin("dupe-plugin", "dupe_mod_strict", """
+from fsapp import hookimpl
+
+@hookimpl
+def register_attacks(register):
+    register("fgsm", lambda p: (lambda model, x, y: x))
+""")
+    with pytest.raises(PluginError, match="dupe-plugin/fgsm"):
+        load_registry(strict=True)
 
 
 def test_load_plugins_env_chooses_entry_points(install_plugin, monkeypatch):
@@ -115,7 +152,8 @@ def register_solvers(register):
     register("bad-solver", factory)
 """)
     reg = load_registry()
-    with pytest.raises(PluginError, match="plugin 'bad-factory' failed to build.*cannot build"):
+    with pytest.raises(PluginError, match="plugin 'bad-factory' component 'solver bad-solver' failed to build: "
+                                          "RuntimeError: cannot build"):
         reg.create("solver", "bad-solver")
 
 
@@ -123,8 +161,16 @@ def test_plugins_list_json_cli():
     out = subprocess.run([sys.executable, "-m", "fsapp", "plugins", "list", "--json"],
                          capture_output=True, text=True, check=True).stdout
     data = json.loads(out)
-    assert set(data) == {"model", "dataset", "solver", "perturbation", "attack"}
+    assert set(data) == set(KINDS) >= {"model", "dataset", "solver", "perturbation", "attack"}
     pgd = next(c for c in data["attack"] if c["name"] == "pgd")
     assert pgd["plugin"] == "fsapp" and pgd["params"]["steps"] == 20
     wrn = next(c for c in data["model"] if c["name"] == "wrn")
     assert wrn["params"]["depth"] == 28 and wrn["params"]["widen"] == 10
+
+
+def test_hook_list_is_derived_from_the_hookspecs():
+    from fsapp import hookspecs
+
+    specs = [n for n in dir(hookspecs) if getattr(getattr(hookspecs, n), "fsapp_spec", None) is not None]
+    assert sorted(HOOKS.values()) == sorted(specs) and len(specs) >= 5
+    assert HOOKS["attack"] == "register_attacks" and KINDS == tuple(HOOKS)

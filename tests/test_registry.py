@@ -7,7 +7,7 @@ import pytest
 
 import fsapp
 from fsapp.errors import UsageError
-from fsapp.registry import Component, coerce, make_params, parse_float, parse_spec
+from fsapp.registry import Component, Spec, coerce, make_params, parse_float, parse_spec, range_text, ranged
 
 
 @dataclass
@@ -79,3 +79,29 @@ def test_public_api_available_and_create():
         fsapp.create("attack", "pgdd")
     with pytest.raises(UsageError, match="unknown component kind"):
         fsapp.available("optimizer")
+
+
+@dataclass
+class Ranged:
+    lr: float = ranged(0.1, 0, 10, low_open=True)
+    keep: float = ranged(0.5, 0, 1, high_open=True)
+    width: int = ranged(16, 1, 4096)
+
+
+def test_ranged_bounds_open_and_closed():
+    comp = Component("solver", "ranged", lambda p: p, Ranged, "test")
+    assert make_params(comp, {"lr": "10", "keep": "0", "width": "4096"}).lr == 10.0
+    for key, value, valid in (("lr", "0", "> 0 and <= 10"), ("lr", "10.5", "> 0 and <= 10"),
+                              ("keep", "1", ">= 0 and < 1"), ("width", "0", "1..4096")):
+        with pytest.raises(UsageError, match=f"solver 'ranged' parameter '{key}' = .* is out of range; "
+                                             f"valid: {valid}$"):
+            make_params(comp, {key: value})
+    assert [row["range"] for row in comp.param_table()] == ["> 0 and <= 10", ">= 0 and < 1", "1..4096"]
+    assert range_text(0, 2**63 - 1) == "0..9223372036854775807" and range_text(None, 1) == "<= 1"
+
+
+def test_qualified_component_names_parse():
+    assert parse_spec("my-plugin/pgd:steps=3") == Spec("my-plugin/pgd", {"steps": "3"})
+    for bad in ("a/b/c", "/pgd", "pgd/"):
+        with pytest.raises(UsageError, match="plugin/name"):
+            parse_spec(bad)

@@ -11,24 +11,39 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from fsapp.cli.render import labelled, literal, make_console
 from fsapp.errors import FsappError, UsageError
 
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     help="Feature Scattering adversarial training and honest robustness evaluation.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings=HELP_OPTIONS,
 )
-config_app = typer.Typer(help="Show and check run configurations.", no_args_is_help=True)
-plugins_app = typer.Typer(help="List components and the plugins that provide them.", no_args_is_help=True)
+config_app = typer.Typer(help="Show and check run configurations.", no_args_is_help=True,
+                         context_settings=HELP_OPTIONS)
+plugins_app = typer.Typer(help="List components and the plugins that provide them.", no_args_is_help=True,
+                          context_settings=HELP_OPTIONS)
 app.add_typer(config_app, name="config")
 app.add_typer(plugins_app, name="plugins")
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()  # results
+err_console = make_console(stderr=True)  # progress and diagnostics
+
+
+def print_error(message: object) -> None:
+    """One ``error: ...`` line on stderr, the message printed literally (never as markup)."""
+    err_console.print(labelled("error:", "red", message))
+
+
+def print_warning(message: object) -> None:
+    """One ``warning: ...`` line on stderr, printed literally."""
+    err_console.print(labelled("warning:", "yellow", message))
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -39,18 +54,28 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except UsageError as exc:
-            err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            print_error(exc)
             raise typer.Exit(2) from None
         except FsappError as exc:
-            err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            print_error(exc)
             raise typer.Exit(1) from None
 
     return wrapper
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from fsapp._version import __version__
+
+        sys.stdout.write(f"fsapp {__version__}\n")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(
     strict_plugins: bool = typer.Option(False, "--strict-plugins", help="Plugin load failures are errors."),
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="Print fsapp's version and exit."),
 ) -> None:
     """Feature Scattering adversarial training and honest robustness evaluation."""
     if strict_plugins:
@@ -59,13 +84,14 @@ def _root(
         try:
             reset_registry(strict=True)
         except FsappError as exc:
-            err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            print_error(exc)
             raise typer.Exit(1) from None
     else:
         _registry_quietly()
 
 
 def _registry_quietly() -> None:
+    """Load the plugins; each failure or duplicate name is one warning line on stderr."""
     import logging
 
     logging.getLogger("fsapp").addHandler(logging.NullHandler())
@@ -73,7 +99,22 @@ def _registry_quietly() -> None:
 
     registry = get_registry()
     for failure in registry.failures:
-        err_console.print(f"[yellow]warning:[/] {failure}", highlight=False, soft_wrap=True)
+        print_warning(failure)
+    for message in registry.warnings:
+        print_warning(message)
+
+
+def _run_dir_option(value: Optional[str]) -> Optional[Path]:
+    """``--run-dir`` as typed (``""`` is refused, not read as the current directory)."""
+    if value is None:
+        return None
+    from fsapp.config import check_run_dir
+
+    try:
+        return check_run_dir(value)
+    except UsageError as exc:
+        print_error(exc)
+        raise typer.Exit(2) from None
 
 
 # -- train ---------------------------------------------------------------------------------
@@ -84,7 +125,8 @@ def train(
     config: Optional[str] = typer.Argument(None, help="A preset name or a TOML file (default: demo)."),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Start from this preset."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: section.key=value (repeatable)."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/<time>-...)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/<time>-...).",
+                                           parser=str, callback=_run_dir_option),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
     download: bool = typer.Option(False, "--download", help="Let dataset loaders download (network needed)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the final line."),
@@ -222,7 +264,7 @@ def config_presets() -> None:
     from fsapp.config import PRESET_DESCRIPTIONS
 
     for name, text in PRESET_DESCRIPTIONS.items():
-        console.print(f"[bold]{name}[/]: {text}", highlight=False)
+        console.print(Text.assemble(literal(name, "bold"), ": ", literal(text)))
 
 
 # -- plugins -------------------------------------------------------------------------------
@@ -230,7 +272,8 @@ def config_presets() -> None:
 @plugins_app.command("list")
 @friendly
 def plugins_list(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
-    """Every component by kind, its parameters and the plugin that provides it."""
+    """Every component by kind, its parameters and the plugin that provides it. Components that
+    share a name with another are listed as plugin/name (failures and duplicates: warnings on stderr)."""
     from fsapp.plugins import get_registry
     from fsapp.registry import KINDS
 
@@ -244,7 +287,7 @@ def plugins_list(as_json: bool = typer.Option(False, "--json", help="Print as JS
         for kind in KINDS
     }
     if as_json:
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        sys.stdout.write(json.dumps(data, indent=2, default=repr) + "\n")
         return
     for kind in KINDS:
         table = Table(title=f"{kind}s", title_justify="left", expand=False)
@@ -253,16 +296,18 @@ def plugins_list(as_json: bool = typer.Option(False, "--json", help="Print as JS
         table.add_column("parameters (defaults)")
         for c in (registry.get(kind, name) for name in registry.names(kind)):
             params = ", ".join(f"{r['name']}={_short(r['default'])}" for r in c.param_table())
-            table.add_row(c.name, c.plugin, params or "-")
+            table.add_row(literal(c.name), literal(c.plugin), literal(params or "-"))
         console.print(table)
-    for failure in registry.failures:
-        console.print(f"[yellow]failed:[/] {failure}", highlight=False)
 
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
-        return list(value)
-    return value
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return repr(value)
 
 
 def _short(value: Any) -> str:
@@ -335,7 +380,7 @@ def import_checkpoint(
     from fsapp.importers import import_checkpoint as convert
 
     path = convert(source, fmt, out or source.with_suffix(".safetensors"), trust=trust, dataset=dataset)
-    console.print(f"wrote {path}; evaluate it with: fsapp eval {path} --suite autoattack", highlight=False)
+    console.print(literal(f"wrote {path}; evaluate it with: fsapp eval {path} --suite autoattack"))
 
 
 # -- tui -----------------------------------------------------------------------------------

@@ -1,12 +1,50 @@
-"""Rich rendering of engine events: a live progress line and per-epoch robustness tables."""
+"""Rich rendering: consoles that never wrap piped output, literal text (user, file and plugin
+text is never read as markup), a live progress line and per-epoch robustness tables."""
 
 from __future__ import annotations
+
+import os
+import re
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from fsapp.engine import events as ev
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+PIPE_WIDTH = 1000  # columns assumed when writing to a file or pipe (tables sized to their content)
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console for results (stdout) or diagnostics (stderr). When it is not a terminal, long
+    lines are written whole (no wrapping in the middle of a path; tables as wide as their
+    content unless ``COLUMNS`` says otherwise) and nothing is highlighted."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console.soft_wrap = True
+        console.highlight = False  # type: ignore[attr-defined]
+        if not os.environ.get("COLUMNS"):
+            console.width = PIPE_WIDTH
+    return console
+
+
+def one_line(text: object) -> str:
+    """``text`` as one printable line: newlines, tabs and other control characters escaped."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
+
+
+def literal(text: object, style: str = "") -> Text:
+    """User, file or plugin text as a Rich ``Text``: printed as is, never parsed as markup."""
+    return Text(one_line(text), style=style)
+
+
+def labelled(label: str, style: str, text: object) -> Text:
+    """``label: text`` with a styled label and literal text (error, warning and flag lines)."""
+    return Text.assemble((label, style), " ", literal(text))
 
 
 def robustness_table(event: ev.EvalResult, title: str | None = None) -> Table:
@@ -16,7 +54,7 @@ def robustness_table(event: ev.EvalResult, title: str | None = None) -> Table:
     table.add_column("accuracy", justify="right")
     for name, value in event.accuracy.items():
         style = "bold" if name == "worst_case" else ""
-        table.add_row(name, f"{value:.1%}", style=style)
+        table.add_row(literal(name), f"{value:.1%}", style=style)
     if event.gap is not None:
         table.add_row("gap CE - margin", f"{event.gap:+.1%}", style="yellow" if event.gap > 0.05 else "dim")
     return table
@@ -53,7 +91,8 @@ class TrainRenderer:
         p = self.progress
         if isinstance(event, ev.RunStarted):
             verb = "resuming" if event.resumed else "training in"
-            p.console.print(f"[bold]fsapp[/] {verb} [cyan]{event.run_dir}[/] on {event.device}")
+            p.console.print(Text.assemble(("fsapp", "bold"), f" {verb} ", literal(event.run_dir, "cyan"),
+                                          " on ", literal(event.device)))
             self.task = p.add_task("train", total=event.epochs * event.steps_per_epoch,
                                    completed=event.start_epoch * event.steps_per_epoch + event.start_step,
                                    epoch=event.start_epoch + 1, loss=0.0, acc=0.0, ips=0.0, lr=0.0)
@@ -66,9 +105,10 @@ class TrainRenderer:
         elif isinstance(event, ev.EvalResult):
             p.console.print(robustness_table(event))
             for flag in event.flags:
-                p.console.print(f"[yellow]flag {flag['id']}[/]: {flag['message']}")
+                p.console.print(labelled(f"flag {one_line(flag['id'])}:", "yellow", flag["message"]))
         elif isinstance(event, ev.Warning):
-            p.console.print(f"[yellow]warning[/]: {event.message}")
+            p.console.print(labelled("warning:", "yellow", event.message))
         elif isinstance(event, ev.Finished):
             state = "stopped; resume with --resume " + event.run_dir if event.stopped else "finished"
-            p.console.print(f"[bold green]{state}[/] in {event.seconds:.0f}s; model: [cyan]{event.model_path}[/]")
+            p.console.print(Text.assemble(literal(state, "bold green"), f" in {event.seconds:.0f}s; model: ",
+                                          literal(event.model_path, "cyan")))
