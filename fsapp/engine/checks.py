@@ -32,7 +32,11 @@ def validate_output(x_adv: Any, like: Tensor, what: str) -> Tensor:
         raise PluginError(f"{what} returned {got}, expected a tensor of shape {tuple(like.shape)}")
     if x_adv.is_complex():
         raise PluginError(f"{what} returned a complex tensor, expected real values in [0, 1]")
-    return x_adv.detach().to(device=like.device, dtype=like.dtype)
+    try:
+        return x_adv.detach().to(device=like.device, dtype=like.dtype)
+    except (RuntimeError, NotImplementedError) as exc:
+        raise PluginError(f"{what} returned a tensor on {x_adv.device} that cannot be moved to {like.device}: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
 def check_examples(x: Tensor, x_adv: Tensor, threat: ThreatModel) -> tuple[Tensor, int]:
