@@ -222,112 +222,47 @@ def _seed_batch(seed: int, batch: int, name: str, device: torch.device) -> None:
         torch.cuda.default_generators[_cuda_index(device)].manual_seed(value)
 
 
+@dataclass
+class _Pass:
+    """What every part of one evaluation shares: the data, this process's batches, the state file."""
+
+    model: torch.nn.Module
+    source: torch.nn.Module | None
+    x: Tensor
+    y: Tensor
+    batches: list[slice]
+    mine: list[int]
+    state: Any
+    seed: int
+    batch_size: int
+    on_batch: OnBatch | None
+
+    @property
+    def total(self) -> int:
+        return sum(self.batches[b].stop - self.batches[b].start for b in self.mine)
+
+
 def _evaluate(model, source, x, y, plans, batch_size, on_batch, defaults, seed, state_path,  # noqa: ANN001
               resume, checks, sh, fingerprint, start) -> Report:
-    from fsapp.engine import evalshard
-    from fsapp.engine.evalstate import EvalState, mask_to_str, model_digest, str_to_mask, tensor_digest
+    from fsapp.engine.evalstate import EvalState, model_digest, tensor_digest
     from fsapp.engine.flags import check_flags, compute_flags
 
     n = len(y)
-    device = x.device
     batches = [slice(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
-    mine = [b for b in range(len(batches)) if sh.owns(b)]
-    my_total = sum(batches[b].stop - batches[b].start for b in mine)
     primary = _primary_threat(plans, defaults)
-
     fp: dict[str, Any] = {}
     if state_path is not None:
         fp = {"n": n, "batch_size": batch_size, "seed": seed, "attacks": [p.resolved for p in plans],
               "transfer": [p.transfer for p in plans], "checks": checks, "rank": sh.rank, "world": sh.world,
               "data": tensor_digest(x, y), "model": model_digest(model),
               "source": model_digest(source) if source is not None else None, **(fingerprint or {})}
-    st = EvalState.open(state_path, fp, resume)
+    job = _Pass(model, source, x, y, batches, [b for b in range(len(batches)) if sh.owns(b)],
+                EvalState.open(state_path, fp, resume), seed, batch_size, on_batch)
 
-    # -- clean accuracy and model checks -----------------------------------------------------
-    clean = torch.zeros(n, dtype=torch.bool, device=device)
-    counts = torch.zeros(len(CHECK_NAMES) + 1, dtype=torch.long)  # + non-finite outputs
-    for b in mine:
-        s = batches[b]
-        rec = st.get("clean", b)
-        if rec is None:
-            with torch.no_grad():
-                logits = model(x[s])
-            finite = torch.isfinite(logits).all(1)
-            ok = (logits.argmax(1) == y[s]) & finite
-            rec = {"clean": mask_to_str(ok), "checks": model_checks(model, x[s], y[s], ok, logits) if checks else {},
-                   "non_finite": int((~finite).sum())}
-            st.put("clean", b, rec)
-        clean[s] = str_to_mask(rec["clean"], device)
-        c = rec.get("checks") or {}
-        counts += torch.tensor([c.get(k, 0) for k in CHECK_NAMES] + [int(rec.get("non_finite", 0))])
-
-    # -- attacks ---------------------------------------------------------------------------
-    runs: list[AttackRun] = []
-    for plan in plans:
-        crafter = source if plan.transfer else model
-        robust = clean.clone()
-        stage_masks = {name: clean.clone() for name, _ in plan.stages}
-        stage_access = {name: kind_of(a, name)[0] for name, a in plan.stages}
-        tally = {"invalid": 0, "no_gradient": 0, "non_finite": 0}
-        seconds, done = 0.0, 0
-
-        def progress(stage: str, done: int, upto: int, seconds: float, resumed: bool = False,
-                     robust: Tensor = robust, key: str = plan.key) -> None:
-            if on_batch is not None:
-                seen = sum(int(robust[batches[c]].sum()) for c in mine if c <= upto)
-                on_batch(EvalProgress(key, stage, done, my_total, seen, seconds, resumed))
-
-        progress("", 0, -1, 0.0)
-        for b in mine:
-            s = batches[b]
-            rec = st.get(plan.key, b)
-            resumed = rec is not None
-            if rec is None:
-                t0 = time.perf_counter()
-                _seed_batch(seed, b, plan.name, device)
-
-                def notify(stage: str, done: int = done, b: int = b, seconds: float = seconds) -> None:
-                    progress(stage, done, b - 1, seconds)
-
-                robust_b, stage_b, found = _attack_batch(plan, crafter, model, x[s], y[s], robust[s].clone(),
-                                                         batch_size, notify)
-                rec = {"robust": mask_to_str(robust_b), **found, "seconds": time.perf_counter() - t0,
-                       "stages": {k: mask_to_str(v) for k, v in stage_b.items()}}
-                st.put(plan.key, b, rec)
-            robust[s] = str_to_mask(rec["robust"], device)
-            for name, text in rec.get("stages", {}).items():
-                if name in stage_masks:
-                    stage_masks[name][s] = str_to_mask(text, device)
-            for k in tally:
-                tally[k] += int(rec.get(k, 0))
-            seconds += float(rec.get("seconds", 0.0))
-            done += s.stop - s.start
-            progress("", done, b, seconds, resumed)
-        runs.append(AttackRun(plan.spec, plan.name, plan.params, robust, seconds, tally["invalid"], plan.threat,
-                              plan.access, plan.loss, plan.transfer, plan.threat.within(primary), plan.resolved,
-                              stage_masks, stage_access, tally["no_gradient"], tally["non_finite"]))
-
-    # -- totals over ranks -----------------------------------------------------------------------
+    clean, counts = _clean_pass(job, checks)
+    runs = [_attack_pass(job, plan, clean, primary) for plan in plans]
     if sh.active:
-        masks = [clean] + [r.robust for r in runs] + [m for r in runs for m in r.stages.values()]
-        summed = evalshard.all_sum(torch.stack(masks).to(torch.int64)) > 0
-        clean = summed[0]
-        for i, r in enumerate(runs):
-            r.robust = summed[1 + i]
-        k = 1 + len(runs)
-        for r in runs:
-            for name in r.stages:
-                r.stages[name] = summed[k]
-                k += 1
-        per_run = [[r.invalid for r in runs], [r.no_gradient for r in runs], [r.non_finite for r in runs]]
-        scalars = evalshard.all_sum(torch.tensor(sum(per_run, []) + counts.tolist(), dtype=torch.long))
-        m = len(runs)
-        for i, r in enumerate(runs):
-            r.invalid, r.no_gradient, r.non_finite = (int(scalars[i]), int(scalars[m + i]), int(scalars[2 * m + i]))
-        counts = scalars[3 * m:]
-        secs = evalshard.all_max(torch.tensor([r.seconds for r in runs] + [0.0], dtype=torch.float64))
-        for i, r in enumerate(runs):
-            r.seconds = float(secs[i])
+        clean, counts = _sum_over_ranks(clean, runs, counts)
 
     worst = clean.clone()
     for r in runs:
@@ -339,12 +274,109 @@ def _evaluate(model, source, x, y, plans, batch_size, on_batch, defaults, seed, 
     accuracy["worst_case"] = frac(worst)
     totals = [int(v) for v in counts.tolist()]
     check_dict = dict(zip(CHECK_NAMES, totals, strict=False)) if checks else {}
-    non_finite = totals[-1]
     report = Report(n, accuracy, clean, worst, runs, seconds=time.perf_counter() - start, threat=primary, seed=seed,
-                    batch_size=batch_size, checks={**check_dict, "non_finite": non_finite}, world_size=sh.world,
-                    resumed_batches=st.resumed_batches)
+                    batch_size=batch_size, checks={**check_dict, "non_finite": totals[-1]}, world_size=sh.world,
+                    resumed_batches=job.state.resumed_batches)
     report.flags = check_flags(report.checks) + compute_flags(report)
     return report
+
+
+def _clean_pass(job: _Pass, checks: bool) -> tuple[Tensor, Tensor]:
+    """Clean accuracy (a non-finite row is never correct) and the model-check counts of this
+    process's batches; returns (clean mask, counts of CHECK_NAMES plus non-finite outputs)."""
+    from fsapp.engine.evalstate import mask_to_str, str_to_mask
+
+    x, y, model = job.x, job.y, job.model
+    clean = torch.zeros(len(y), dtype=torch.bool, device=x.device)
+    counts = torch.zeros(len(CHECK_NAMES) + 1, dtype=torch.long)
+    for b in job.mine:
+        s = job.batches[b]
+        rec = job.state.get("clean", b)
+        if rec is None:
+            with torch.no_grad():
+                logits = model(x[s])
+            finite = torch.isfinite(logits).all(1)
+            ok = (logits.argmax(1) == y[s]) & finite
+            rec = {"clean": mask_to_str(ok), "checks": model_checks(model, x[s], y[s], ok, logits) if checks else {},
+                   "non_finite": int((~finite).sum())}
+            job.state.put("clean", b, rec)
+        clean[s] = str_to_mask(rec["clean"], x.device)
+        c = rec.get("checks") or {}
+        counts += torch.tensor([c.get(k, 0) for k in CHECK_NAMES] + [int(rec.get("non_finite", 0))])
+    return clean, counts
+
+
+def _attack_pass(job: _Pass, plan: _Plan, clean: Tensor, primary: ThreatModel | None) -> AttackRun:
+    """One attack over this process's batches (each seeded from its index, resumed ones read back)."""
+    from fsapp.engine.evalstate import mask_to_str, str_to_mask
+
+    device = job.x.device
+    crafter = job.source if plan.transfer else job.model
+    robust = clean.clone()
+    stage_masks = {name: clean.clone() for name, _ in plan.stages}
+    stage_access = {name: kind_of(a, name)[0] for name, a in plan.stages}
+    tally = {"invalid": 0, "no_gradient": 0, "non_finite": 0}
+    seconds, done, total = 0.0, 0, job.total
+
+    def progress(stage: str, done: int, upto: int, seconds: float, resumed: bool = False) -> None:
+        if job.on_batch is not None:
+            seen = sum(int(robust[job.batches[c]].sum()) for c in job.mine if c <= upto)
+            job.on_batch(EvalProgress(plan.key, stage, done, total, seen, seconds, resumed))
+
+    progress("", 0, -1, 0.0)
+    for b in job.mine:
+        s = job.batches[b]
+        rec = job.state.get(plan.key, b)
+        resumed = rec is not None
+        if rec is None:
+            t0 = time.perf_counter()
+            _seed_batch(job.seed, b, plan.name, device)
+
+            def notify(stage: str, done: int = done, b: int = b, seconds: float = seconds) -> None:
+                progress(stage, done, b - 1, seconds)
+
+            robust_b, stage_b, found = _attack_batch(plan, crafter, job.model, job.x[s], job.y[s], robust[s].clone(),
+                                                     job.batch_size, notify)
+            rec = {"robust": mask_to_str(robust_b), **found, "seconds": time.perf_counter() - t0,
+                   "stages": {k: mask_to_str(v) for k, v in stage_b.items()}}
+            job.state.put(plan.key, b, rec)
+        robust[s] = str_to_mask(rec["robust"], device)
+        for name, text in rec.get("stages", {}).items():
+            if name in stage_masks:
+                stage_masks[name][s] = str_to_mask(text, device)
+        for k in tally:
+            tally[k] += int(rec.get(k, 0))
+        seconds += float(rec.get("seconds", 0.0))
+        done += s.stop - s.start
+        progress("", done, b, seconds, resumed)
+    return AttackRun(plan.spec, plan.name, plan.params, robust, seconds, tally["invalid"], plan.threat, plan.access,
+                     plan.loss, plan.transfer, plan.threat.within(primary), plan.resolved, stage_masks, stage_access,
+                     tally["no_gradient"], tally["non_finite"])
+
+
+def _sum_over_ranks(clean: Tensor, runs: list[AttackRun], counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Totals over the ranks of a sharded evaluation: masks OR-ed, counts summed, seconds maxed."""
+    from fsapp.engine import evalshard
+
+    masks = [clean] + [r.robust for r in runs] + [m for r in runs for m in r.stages.values()]
+    summed = evalshard.all_sum(torch.stack(masks).to(torch.int64)) > 0
+    clean = summed[0]
+    for i, r in enumerate(runs):
+        r.robust = summed[1 + i]
+    k = 1 + len(runs)
+    for r in runs:
+        for name in r.stages:
+            r.stages[name] = summed[k]
+            k += 1
+    per_run = [r.invalid for r in runs] + [r.no_gradient for r in runs] + [r.non_finite for r in runs]
+    scalars = evalshard.all_sum(torch.tensor(per_run + counts.tolist(), dtype=torch.long))
+    m = len(runs)
+    for i, r in enumerate(runs):
+        r.invalid, r.no_gradient, r.non_finite = int(scalars[i]), int(scalars[m + i]), int(scalars[2 * m + i])
+    secs = evalshard.all_max(torch.tensor([r.seconds for r in runs] + [0.0], dtype=torch.float64))
+    for i, r in enumerate(runs):
+        r.seconds = float(secs[i])
+    return clean, scalars[3 * m:]
 
 
 def _attack_batch(plan: _Plan, crafter, model, xb: Tensor, yb: Tensor, robust_b: Tensor,  # noqa: ANN001
