@@ -97,7 +97,6 @@ def run_eval(request: EvalRequest, on_event: OnEvent | None = None) -> dict[str,
 
 
 def _run(req: EvalRequest, emit: Callable[[ev.Event], None], stream: "_EventFile") -> dict[str, Any] | None:
-    from fsapp._version import __version__
     from fsapp.checkpoint import load_model_file_digest
     from fsapp.engine import evalshard
     from fsapp.engine.evaluate import evaluate
@@ -115,13 +114,7 @@ def _run(req: EvalRequest, emit: Callable[[ev.Event], None], stream: "_EventFile
     stream.enabled = lead
     model, meta, model_sha = load_model_file_digest(req.model, dev)
     eps_value, step_size = eps_and_step(req.eps, meta, req.model)
-    src_model, source_sha = None, None
-    if req.source is not None:
-        src_model, src_meta, source_sha = load_model_file_digest(req.source, dev)
-        if list(src_meta["input_shape"]) != list(meta["input_shape"]) or src_meta["num_classes"] != meta["num_classes"]:
-            raise UsageError(f"--source {req.source} takes {src_meta['input_shape']} inputs and "
-                             f"{src_meta['num_classes']} classes; {req.model} takes {meta['input_shape']} and "
-                             f"{meta['num_classes']}")
+    src_model, source_sha = _load_source(req, meta, dev)
     white, transfer, notes = attack_lists(req, bool(sweep_list))
     x, y = load_test_split(meta, req.n, req.seed, req.data_root, req.model)
 
@@ -164,29 +157,8 @@ def _run(req: EvalRequest, emit: Callable[[ev.Event], None], stream: "_EventFile
     if shard.active:
         evalshard.barrier()
 
-    flags = list(report.flags)
-    for sw in sweeps_out:
-        flags += [f for f in sw["flags"] if f not in flags]
-    data: dict[str, Any] = {
-        "fsapp_version": __version__,
-        "model": str(req.model),
-        "model_sha256": model_sha,
-        "architecture": architecture(meta),
-        "dataset": meta.get("dataset"),
-        "num_classes": meta.get("num_classes"),
-        "seed": req.seed,
-        "device": str(dev),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "settings": {"suites": list(req.suites), "attacks": white, "transfer": transfer,
-                     "source": str(req.source) if req.source is not None else None, "source_sha256": source_sha,
-                     "eps": eps_value, "step_size": step_size, "batch_size": req.batch_size,
-                     "sweeps": list(req.sweeps),
-                     "sample_order": f"first n of torch.randperm(test size) with seed {req.seed}, sorted"},
-        **report.to_dict(),
-        "flags": flags,
-        "sweeps": sweeps_out,
-        "notes": notes,
-    }
+    data = report_data(req, meta, model_sha, source_sha, str(dev), white, transfer, (eps_value, step_size),
+                       report.to_dict(), sweeps_out, notes)
     if not lead:
         _remove_states(state_file)
         evalshard.finish()
@@ -195,8 +167,55 @@ def _run(req: EvalRequest, emit: Callable[[ev.Event], None], stream: "_EventFile
     _remove_states(state_file)
     if shard.active:
         evalshard.finish()
-    emit(ev.EvalFinished(str(target), dict(data["accuracy"]), flags, time.perf_counter() - t_job))
+    emit(ev.EvalFinished(str(target), dict(data["accuracy"]), data["flags"], time.perf_counter() - t_job))
     return data
+
+
+def _load_source(req: EvalRequest, meta: dict[str, Any], device: torch.device
+                 ) -> tuple[torch.nn.Module | None, str | None]:
+    """The ``--source`` model of a transfer evaluation and the digest of its bytes, checked to take
+    the same inputs and classes as the evaluated model."""
+    from fsapp.checkpoint import load_model_file_digest
+
+    if req.source is None:
+        return None, None
+    src_model, src_meta, source_sha = load_model_file_digest(req.source, device)
+    if list(src_meta["input_shape"]) != list(meta["input_shape"]) or src_meta["num_classes"] != meta["num_classes"]:
+        raise UsageError(f"--source {req.source} takes {src_meta['input_shape']} inputs and "
+                         f"{src_meta['num_classes']} classes; {req.model} takes {meta['input_shape']} and "
+                         f"{meta['num_classes']}")
+    return src_model, source_sha
+
+
+def report_data(req: EvalRequest, meta: dict[str, Any], model_sha: str, source_sha: str | None, device: str,
+                white: list[str], transfer: list[str], eps_step: tuple[float, float], evaluated: dict[str, Any],
+                sweeps: list[dict[str, Any]], notes: list[str]) -> dict[str, Any]:
+    """The JSON report: what was evaluated and how, the evaluator's report, the sweeps, every flag."""
+    from fsapp._version import __version__
+
+    flags = list(evaluated["flags"])
+    for sw in sweeps:
+        flags += [f for f in sw["flags"] if f not in flags]
+    return {
+        "fsapp_version": __version__,
+        "model": str(req.model),
+        "model_sha256": model_sha,
+        "architecture": architecture(meta),
+        "dataset": meta.get("dataset"),
+        "num_classes": meta.get("num_classes"),
+        "seed": req.seed,
+        "device": device,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": {"suites": list(req.suites), "attacks": white, "transfer": transfer,
+                     "source": str(req.source) if req.source is not None else None, "source_sha256": source_sha,
+                     "eps": eps_step[0], "step_size": eps_step[1], "batch_size": req.batch_size,
+                     "sweeps": list(req.sweeps),
+                     "sample_order": f"first n of torch.randperm(test size) with seed {req.seed}, sorted"},
+        **evaluated,
+        "flags": flags,
+        "sweeps": sweeps,
+        "notes": notes,
+    }
 
 
 class _EventFile:
