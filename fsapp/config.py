@@ -284,7 +284,7 @@ class Config:
     def attack_specs(self) -> list[str]:
         """Live-evaluation attack specs with the eval eps and step size filled in, exactly as the
         evaluator fills them (:func:`fsapp.engine.evaluate.apply_defaults`)."""
-        from fsapp.engine.evaluate import apply_defaults
+        from fsapp.registry import apply_defaults
 
         defaults = {"eps": self.eval.eps, "step_size": self.eval.step_size}
         return [apply_defaults(s, defaults) for s in self.eval.attacks]

@@ -22,6 +22,36 @@ What each kind's factory must return:
 - solver: a callable ``solver(cost[B, B]) -> plan[B, B]`` for uniform marginals.
 - perturbation: a callable ``perturb(model, x, y) -> x_adv`` (training-time adversary).
 - attack: a callable ``attack(model, x, y) -> x_adv`` (evaluation-time adversary).
+
+The attack and perturbation contract (what fsapp gives, what it expects, what it checks):
+
+- ``x`` is a float batch ``[N, C, H, W]`` in [0, 1] on the model's device, ``y`` its int64 labels.
+  They are copies: editing them in place changes nothing fsapp measures (examples are checked
+  against fsapp's own copy of the clean input).
+- Return a tensor of ``x``'s shape: the adversarial examples (any float dtype and device; fsapp
+  detaches it and moves it back). Anything else (None, a tuple, another shape) is an error that
+  names the component and its plugin; so is an exception raised while it runs (one line, no
+  traceback). A ``ValueError`` means "cannot run here" (too few classes, ...) and is reported as
+  such.
+- The model is yours to call, in any mode: its modes and buffers (BatchNorm running statistics)
+  are saved before the call and restored after it. Use :func:`fsapp.adversary.eval_mode` and
+  :func:`fsapp.adversary.input_grad_mode` for the usual setting (eval mode, autograd on).
+- Every example is checked: inside the declared ball (plus 1e-6), inside [0, 1], finite. A
+  violating example is projected back and counted (``invalid-examples`` flag), never trusted.
+  Accuracy is recomputed by fsapp with an eval-mode forward; an output row that is not finite
+  counts as misclassified (``non-finite-output`` flag).
+- Randomness: draw from torch's default generator (or ``fsapp.adversary.random_start``). The
+  evaluator seeds it per (attack, batch) from the evaluation's seed and restores the caller's
+  state afterwards, so results are reproducible and never disturb training.
+- Declare the threat model and kind as attributes of the attack object (or subclass
+  :class:`fsapp.adversary.Attack`): ``norm`` ("Linf", "L2", "L1"), ``eps`` (None: unbounded),
+  ``access`` ("gradient", "score", "decision") and ``loss`` ("ce", "margin", ...). Without them
+  an ``eps`` parameter means Linf. A params dataclass may declare ``norm: ClassVar[str] = "L2"``
+  so that a report's Linf eps is never filled into it. An ensemble sets ``stages``, a list of
+  ``(name, attack)``; the evaluator runs them with :func:`fsapp.adversary.cascade`, each on the
+  points the previous ones left robust, and reports each stage.
+- A perturbation used in training is held to the same rules (copies in, modes and buffers
+  restored, output checked and projected into its ``epsilon`` ball, violations reported).
 """
 
 from __future__ import annotations

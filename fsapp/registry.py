@@ -314,3 +314,34 @@ def parse_spec(spec: str) -> Spec:
                 raise UsageError(f"parameter '{key}' given twice in spec {spec!r}")
             params[key] = value.strip()
     return Spec(name, params)
+
+
+def declared_norm(obj: Any) -> str | None:
+    """The ``norm`` an attack object or its params class declares (``norm: ClassVar[str] = "L2"``)."""
+    norm = getattr(obj, "norm", None)
+    return norm if isinstance(norm, str) else None
+
+
+def apply_defaults(spec: str, defaults: dict[str, Any] | None) -> str:
+    """The attack spec with ``key=value`` added for each default it does not name, where the attack
+    has that parameter and its default is not None (None means "derived", e.g. FGSM's step = eps).
+    ``eps`` and ``step_size`` defaults only apply to Linf attacks."""
+    from fsapp.plugins import get_registry  # lazy: fsapp.plugins imports this module
+
+    parsed = parse_spec(spec)
+    if not defaults:
+        return str(parsed)
+    component = get_registry().get("attack", parsed.name)
+    fields = {f.name: f for f in dataclasses.fields(component.params)}
+    declared = declared_norm(component.params)
+    params = dict(parsed.params)
+    for key, value in defaults.items():
+        f = fields.get(key)
+        if f is None or key in params or value is None:
+            continue
+        if f.default is None or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING):
+            continue
+        if key in ("eps", "step_size") and declared not in (None, "Linf"):
+            continue
+        params[key] = format_value(value)
+    return str(Spec(parsed.name, params))

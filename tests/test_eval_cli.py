@@ -14,6 +14,7 @@ from fsapp.checkpoint import file_sha256, model_metadata
 from fsapp.cli import evalcmd
 from fsapp.cli.main import app
 from fsapp.data import to_unit
+from fsapp.engine import events as ev
 from fsapp.plugins import get_registry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,23 +118,23 @@ def test_interrupted_eval_resumes(models, tmp_path, monkeypatch):
     args = [models["target"], "--attack", "pgd:steps=3", "--attack", "cw:steps=3", "--n", "60", "--batch-size", "10",
             "--json"]
     full = json.loads(run(*args, "--out", tmp_path / "full.json").stdout)
-    original = evalcmd.EvalProgressView.on_batch
+    original = evalcmd.EvalProgressView.on_event
     calls = {"n": 0}
 
-    def interrupt(self, p):
-        if p.done and not p.resumed:
+    def interrupt(self, event):
+        if isinstance(event, ev.EvalProgress) and event.done:
             calls["n"] += 1
             if calls["n"] == 8:
                 raise KeyboardInterrupt
-        original(self, p)
+        original(self, event)
 
-    monkeypatch.setattr(evalcmd.EvalProgressView, "on_batch", interrupt)
+    monkeypatch.setattr(evalcmd.EvalProgressView, "on_event", interrupt)
     out = tmp_path / "part.json"
     stopped = run(*args, "--out", out)
     assert stopped.exit_code == 1 and "--resume" in stopped.output and not out.exists()
     states = list(tmp_path.glob(".state-*.json"))
     assert len(states) == 1
-    monkeypatch.setattr(evalcmd.EvalProgressView, "on_batch", original)
+    monkeypatch.setattr(evalcmd.EvalProgressView, "on_event", original)
     resumed = run(*args, "--out", out, "--resume")
     assert resumed.exit_code == 0, resumed.output
     data = json.loads(resumed.stdout)

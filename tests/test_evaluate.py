@@ -13,10 +13,11 @@ import torch.nn.functional as F
 import fsapp
 from fsapp.data import to_unit
 from fsapp.engine import events as ev
-from fsapp.engine.evaluate import SUITES, apply_defaults, evaluate
+from fsapp.engine.evaluate import SUITES, evaluate
 from fsapp.engine.sweep import parse_sweep, run_sweep, save_png, text_plot
 from fsapp.errors import PluginError, UsageError
 from fsapp.plugins import get_registry
+from fsapp.registry import apply_defaults
 
 ORACLE = """
 from dataclasses import dataclass

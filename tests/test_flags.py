@@ -63,6 +63,8 @@ class Wrapped(nn.Module):
             return z.softmax(1)
         if self.kind == "scaled":  # saturated softmax: CE gradients vanish, margins do not
             return 1e4 * z
+        if self.kind == "nan-class0":  # overflows on the class-0 samples: their rows are NaN
+            return torch.where((z.argmax(1) == 0)[:, None], torch.full_like(z, float("nan")), z)
         raise ValueError(self.kind)
 
 
@@ -118,7 +120,7 @@ def test_healthy_model_raises_no_flag(linear, digits):
     assert report.flags == [], report.flags
     assert report.accuracy["clean"] > 0.9 and report.accuracy["worst_case"] < report.accuracy["clean"]
     assert report.accuracy["pgd:eps=0.4,step_size=0.1"] == 0.0
-    assert report.checks == {"random_forward": 0, "probability_rows": 0, "zero_gradient": 0, "checked": N,
+    assert report.checks == {"random_forward": 0, "probability_rows": 0, "zero_gradient": 0, "checked": N, "non_finite": 0,
                              "checked_correct": round(report.accuracy["clean"] * N)}
     sweep = run_sweep(linear, x, y, ["pgd:steps=10"], "eps", [0.0, 0.05, 0.1, 0.3], batch_size=100)
     assert sweep["flags"] == [] and sweep["curves"]["pgd:steps=10"][-1] == 0.0
@@ -130,8 +132,20 @@ def test_healthy_model_raises_no_flag(linear, digits):
 def test_every_flag_has_a_test():
     tested = {"single-step-beats-iterative", "more-steps-raise-accuracy", "accuracy-rises-with-eps",
               "no-decay-at-large-eps", "unbounded-attack-fails", "black-box-beats-white-box", "ce-margin-gap",
-              "random-forward", "output-probabilities", "zero-gradient", "invalid-examples"}
+              "random-forward", "output-probabilities", "zero-gradient", "invalid-examples", "non-finite-output"}
     assert tested == set(FLAG_IDS)
+
+
+def test_every_message_says_where_to_read_more(linear, digits):
+    _, x, y = digits
+    report = evaluate(Wrapped(linear, "softmax").eval(), x, y, ["pgd:steps=2", "cw:steps=2"])
+    sweep = run_sweep(Wrapped(linear, "softmax").eval(), x, y, ["pgd:steps=2"], "eps", [0.0, 0.4], batch_size=100)
+    flags = (report.flags + sweep["flags"] + curve_flags("eps", [0.0, 0.1, 0.4], {"a": [0.1, 0.5, 0.5]})
+             + curve_flags("steps", [1, 5], {"a": [0.1, 0.5]}))
+    assert {"output-probabilities", "accuracy-rises-with-eps", "no-decay-at-large-eps",
+            "more-steps-raise-accuracy"} <= ids(flags)
+    for flag in flags:
+        assert flag["message"].endswith(f" (docs/EVALUATION.md#{flag['id']})"), flag
 
 
 # --------------------------------------------------------------------------- broken models
@@ -244,6 +258,22 @@ def test_zero_gradient(linear, digits, kind):
     report = evaluate(Wrapped(linear, kind).eval(), x, y, ["pgd:steps=2"])
     assert "zero-gradient" in ids(report)
     assert report.checks["zero_gradient"] == report.checks["checked_correct"] > 0
+
+
+def test_non_finite_output_is_never_a_class(linear, digits):
+    _, x, y = digits
+    model = Wrapped(linear, "nan-class0").eval()
+    report = evaluate(model, x, y, ["pgd:steps=2"])
+    with torch.no_grad():
+        pred = linear(x).argmax(1)
+    nan_rows = int((pred == 0).sum())
+    assert nan_rows > 0 and int((y == 0).sum()) > 0
+    # argmax of a NaN row is 0: counted as class 0 these samples would be "correct"; they are not
+    expected_clean = int(((pred == y) & (pred != 0)).sum()) / N
+    assert report.accuracy["clean"] == expected_clean
+    assert report.checks["non_finite"] == nan_rows
+    assert "non-finite-output" in ids(report)
+    assert not (report.attacks[0].robust & (pred == 0)).any()
 
 
 def test_invalid_examples(linear, digits, install_plugin, monkeypatch):

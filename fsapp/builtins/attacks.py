@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fsapp.builtins.perturbations import eval_mode, input_grad_mode, project_linf, random_start
+from fsapp.adversary import Attack, eval_mode, input_grad_mode, linf, random_start
 from fsapp.hookspecs import hookimpl
 from fsapp.losses import compute_dtype, cw_margin_loss
 
@@ -77,6 +77,7 @@ def linf_attack(
     """
     if keep not in ("worst", "last"):
         raise ValueError(f"keep must be 'worst' or 'last', got {keep!r}")
+    ball = linf(eps)
     with input_grad_mode(), eval_mode(model):
         x = x.detach().clone()
         y = y.detach().clone()
@@ -96,7 +97,7 @@ def linf_attack(
                 adv = adv.detach()
                 if track:
                     found, best = _track(adv, logits.detach(), y, found, best)
-                adv = project_linf(adv + step_size * grad.sign(), x, eps).detach()
+                adv = ball.project_step(adv + step_size * grad.sign(), x).detach()
             if track:
                 with torch.no_grad():
                     found, best = _track(adv, model(adv), y, found, best)
@@ -169,8 +170,9 @@ class CWParams(PGDParams):
 # --------------------------------------------------------------------------- components
 
 
-class IterativeAttack:
-    """A configured :func:`linf_attack`: ``attack(model, x, y) -> x_adv``."""
+class IterativeAttack(Attack):
+    """A configured :func:`linf_attack`: ``attack(model, x, y) -> x_adv`` (L-inf, gradient access;
+    ``loss`` "ce" for FGSM/PGD, "margin" for CW)."""
 
     def __init__(
         self,
@@ -182,7 +184,9 @@ class IterativeAttack:
         random_start: bool,
         restarts: int = 1,
         keep: Keep = "worst",
+        loss: str = "ce",
     ) -> None:
+        self.loss = loss
         self.name = name
         self.loss_fn = loss_fn
         self.eps = eps
@@ -232,7 +236,7 @@ def _cw(p: CWParams) -> IterativeAttack:
         return cw_margin_loss(logits, y, kappa)
 
     return IterativeAttack(
-        "cw", loss, p.eps, p.step_size, p.steps, p.random_start, p.restarts, p.keep
+        "cw", loss, p.eps, p.step_size, p.steps, p.random_start, p.restarts, p.keep, "margin"
     )
 
 

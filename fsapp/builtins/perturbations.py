@@ -3,6 +3,9 @@
 Every perturbation puts the model in eval mode and restores each module's mode afterwards (also
 on exceptions), differentiates with respect to the input only (parameters' ``.grad`` are never
 touched), and returns ``x_adv`` detached, inside the L-inf eps-ball around ``x`` and in [0, 1].
+The shared vocabulary (``eval_mode``, ``input_grad_mode``, ``random_start``, the L-inf
+:class:`~fsapp.adversary.ThreatModel`) lives in :mod:`fsapp.adversary`; the first three are
+importable from here too.
 
 ``feature-scatter`` is the lean form of the reference step (REFERENCE.md): one clean forward
 without gradient, one random start drawn as a single ``torch.empty_like(x).uniform_(-eps, eps)``
@@ -12,9 +15,8 @@ scattering loss ``sum(T * C)`` with the plan ``T`` of the configured solver.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fsapp.adversary import eval_mode, input_grad_mode, linf, random_start
 from fsapp.hookspecs import hookimpl
 from fsapp.losses import cost_matrix
 
@@ -36,48 +39,13 @@ __all__ = [
     "eval_mode",
     "feature_scatter_step",
     "input_grad_mode",
-    "project_linf",
     "random_start",
     "scatter_loss",
     "supervised_pgd",
 ]
 
 
-# --------------------------------------------------------------------------- shared helpers
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode; restore every module's own ``training`` flag on exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-@contextlib.contextmanager
-def input_grad_mode() -> Iterator[None]:
-    """Enable autograd even under ``torch.no_grad()`` or ``torch.inference_mode()``."""
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
-
-
-def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """``clamp(x + clamp(x_adv - x, -eps, eps), 0, 1)``: back into the eps-ball and [0, 1]."""
-    return torch.clamp(x + torch.clamp(x_adv - x, min=-eps, max=eps), min=0.0, max=1.0)
-
-
-def random_start(x: torch.Tensor, eps: float, clamp: bool = True) -> torch.Tensor:
-    """``x + U(-eps, eps)``: ONE ``empty_like(x).uniform_`` draw from the default generator.
-
-    The noise is drawn in the contiguous (NCHW) layout, so a channels-last ``x`` gets the same
-    values at the same pixels as a contiguous one.
-    """
-    x0 = x + torch.empty_like(x, memory_format=torch.contiguous_format).uniform_(-eps, eps)
-    return x0.clamp(0.0, 1.0) if clamp else x0
+# --------------------------------------------------------------------------- parameters
 
 
 def _check_ball(name: str, epsilon: float, step_size: float, steps: int) -> None:
@@ -122,6 +90,7 @@ def feature_scatter_step(
     gradient is computed; the result is detached.
     """
     x = x.detach()
+    ball = linf(epsilon)
     with input_grad_mode():
         with torch.no_grad():
             z_clean = model(x)
@@ -134,8 +103,8 @@ def feature_scatter_step(
             # zero step (sign(NaN) is 0), so the training loop sees a non-finite loss and skips it.
             # For a finite loss this adds exactly 0 and costs no host sync.
             poison = loss.detach() - loss.detach()
-            x_cur = project_linf(x_cur.detach() + step_size * grad.sign(), x, epsilon) + poison
-        return project_linf(x_cur.detach(), x, epsilon)
+            x_cur = ball.project_step(x_cur.detach() + step_size * grad.sign(), x) + poison
+        return ball.project_step(x_cur.detach(), x)
 
 
 @dataclass
@@ -217,6 +186,7 @@ def supervised_pgd(
     """PGD on the cross-entropy with the true labels (Madry et al.), in the model's current mode."""
     x = x.detach()
     y = y.detach()
+    ball = linf(epsilon)
     with input_grad_mode():
         x_cur = random_start(x, epsilon) if start else x.clone()
         for _ in range(steps):
@@ -224,7 +194,7 @@ def supervised_pgd(
             logits = model(x_cur)
             loss = F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, y)
             (grad,) = torch.autograd.grad(loss, x_cur)
-            x_cur = project_linf(x_cur.detach() + step_size * grad.sign(), x, epsilon)
+            x_cur = ball.project_step(x_cur.detach() + step_size * grad.sign(), x)
         return x_cur.detach()
 
 

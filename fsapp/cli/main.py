@@ -199,9 +199,12 @@ def eval_(
                                     "(over the --attack specs, default PGD-20 and CW-20); PNG + terminal plot."),
     source: Optional[Path] = typer.Option(None, "--source", help="Black-box transfer: craft the --attack examples "
                                           "on this model file and measure them on MODEL."),
-    data_root: str = typer.Option("data", "--data-root", help="Where dataset files live."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Where dataset files live (default: the "
+                                            "root the model file records, else data)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON report here (default: MODEL's eval/)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the report, as one JSON object, on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only one summary line: clean, each attack, "
+                               "worst case, report path."),
     robustbench_json: Optional[Path] = typer.Option(None, "--robustbench-json", help="Also write a RobustBench "
                                                     "leaderboard entry (runs AutoAttack if not asked)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted evaluation with the same settings."),
@@ -210,34 +213,17 @@ def eval_(
     events: Optional[Path] = typer.Option(None, "--events", help="Append the job's events (JSON lines: started, "
                                           "progress, finished or failed) to this file, for a front end to follow."),
 ) -> None:
-    """Evaluate a saved model on its dataset's test split: clean, each attack, worst case, flags."""
-    from fsapp.cli.evalcmd import run_eval
+    """Evaluate a saved model on its dataset's test split: clean, each attack, worst case, flags.
 
-    try:
-        report = run_eval(model_path, attack, n=n, batch_size=batch_size, seed=seed, device=device, eps=eps,
-                          data_root=data_root, out=out, quiet=as_json, console=err_console, suites=suite,
-                          sweeps=sweep, source=source, robustbench_json=robustbench_json, resume=resume,
-                          state=state, events=events)
-    except Exception as exc:
-        if events is not None:
-            _job_failed(events, exc)
-        raise
-    if as_json and report is not None:
-        sys.stdout.write(json.dumps(report) + "\n")
+    Results go to stdout (table, flags, report path); progress and diagnostics to stderr.
+    """
+    from fsapp.app.evaljob import EvalRequest
+    from fsapp.cli import evalcmd
 
-
-def _job_failed(path: Path, exc: BaseException) -> None:
-    """Record a failed job's one line in its ``--events`` file (best effort)."""
-    from fsapp.engine import events as ev
-    from fsapp.engine.rundir import RunLog
-
-    message = str(exc) if isinstance(exc, FsappError) else f"{type(exc).__name__}: {exc}"
-    try:
-        log = RunLog(path)
-        log.write(ev.JobFailed(message))
-        log.close()
-    except OSError:
-        pass
+    request = EvalRequest(model_path, list(attack), list(suite), list(sweep), source, n=n, batch_size=batch_size,
+                          seed=seed, device=device, eps=eps, data_root=data_root, out=out,
+                          robustbench_json=robustbench_json, resume=resume, state=state, events=events)
+    evalcmd.run(request, out=console, err=err_console, as_json=as_json, quiet=quiet)
 
 
 # -- config --------------------------------------------------------------------------------

@@ -106,12 +106,9 @@ class EvalState:
             return
         data = {"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprint": self.fingerprint,
                 "records": self.records}
-        atomic_write_text(self.path, json.dumps(data, separators=(",", ":")) + "\n")
-
-    def remove(self) -> None:
-        """Delete the state file (after the report is safely written)."""
-        if self.path is not None:
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
+        try:
+            atomic_write_text(self.path, json.dumps(data, separators=(",", ":")) + "\n")
+        except OSError as exc:
+            kept = ("the batches saved before are intact there: free space or fix the permissions, then run the "
+                    "same command with --resume") if self.path.exists() else "no batch was saved yet"
+            raise UsageError(f"cannot save the evaluation state to {self.path}: {exc.strerror or exc}; {kept}") from None

@@ -11,7 +11,11 @@ Each flag is ``{"id": ..., "message": ...}`` and is raised only where its inputs
   more than 0.2 points of accuracy the white-box attacks missed;
 - ``ce-margin-gap``: cross-entropy attacks are more than 5 points weaker than margin-loss ones;
 - ``random-forward``, ``output-probabilities``, ``zero-gradient``: model checks on the clean data;
+- ``non-finite-output``: the model's output held NaN or infinite values (such a row never counts
+  as a correct prediction, clean or under attack);
 - ``invalid-examples``: an attack returned points outside its threat model (they were projected).
+
+Every message ends with where to read more: `` (docs/EVALUATION.md#<flag id>)``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fsapp.engine.evaluate import AttackRun, Report
+    from fsapp.engine.report import AttackRun, Report
 
 GAP_THRESHOLD = 0.05
 BLACK_BOX_MARGIN = 0.002
@@ -39,11 +43,19 @@ FLAG_IDS = (
     "output-probabilities",
     "zero-gradient",
     "invalid-examples",
+    "non-finite-output",
 )
+
+DOCS = "docs/EVALUATION.md"
+
+
+def doc_reference(flag_id: str) -> str:
+    """Where a flag is explained: ``docs/EVALUATION.md#<flag id>``."""
+    return f"{DOCS}#{flag_id}"
 
 
 def _flag(flag_id: str, message: str) -> dict[str, str]:
-    return {"id": flag_id, "message": message}
+    return {"id": flag_id, "message": f"{message} ({doc_reference(flag_id)})"}
 
 
 def check_flags(checks: dict[str, Any]) -> list[dict[str, str]]:
@@ -96,6 +108,16 @@ def compute_flags(report: Report) -> list[dict[str, str]]:
                 f"{run.key} returned {run.invalid} examples outside its threat model ({run.threat}), [0, 1] or "
                 "non-finite; they were projected before counting",
             ))
+
+    non_finite = {"clean data": int(report.checks.get("non_finite", 0))}
+    non_finite.update({run.key: run.non_finite for run in runs})
+    hits = [f"{count} on {where}" for where, count in non_finite.items() if count]
+    if hits:
+        flags.append(_flag(
+            "non-finite-output",
+            f"the model's output held NaN or infinite values ({', '.join(hits)}); those rows count as "
+            "misclassified, never as any class: find the overflow (half precision, a division, a log of 0)",
+        ))
 
     for run in runs:
         if run.no_gradient:

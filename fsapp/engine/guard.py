@@ -7,39 +7,48 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fsapp.errors import PluginError
+from fsapp.adversary import linf, preserved_state
+from fsapp.engine.checks import validate_output
+from fsapp.errors import PluginError, UsageError
 
 Perturb = Callable[[torch.nn.Module, Tensor, Tensor], Tensor]
 
 
 class GuardedPerturbation:
-    """Wraps a plugin's perturbation: checks its output's type and shape, and forces every example
-    into the eps-ball and [0, 1] (non-finite values fall back to the clean input). Violations are
-    counted on the device (no host sync) and read by the loop when it reports."""
+    """Wraps a plugin's perturbation for training.
+
+    The plugin gets copies of ``x`` and ``y`` (an in-place edit cannot move the centre of its ball
+    or the clean batch the loss sees) and runs with the model's modes and buffers saved and
+    restored (it cannot change BatchNorm statistics of the model under training). Its output's
+    type and shape are checked, and every example is forced into the eps-ball and [0, 1]
+    (non-finite values fall back to the clean input). Violations are counted on the device (no
+    host sync) and read by the loop when it reports. An exception from the plugin is one line
+    naming it.
+    """
 
     def __init__(self, perturb: Perturb, epsilon: float | None, name: str, plugin: str) -> None:
         self.perturb = perturb
-        self.epsilon = epsilon
+        self.ball = linf(epsilon)
         self.name = name
         self.plugin = plugin
         self.violations: Tensor | None = None
 
+    @property
+    def what(self) -> str:
+        return f"perturbation '{self.name}' from plugin '{self.plugin}'"
+
     def __call__(self, model: torch.nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        x_adv = self.perturb(model, x, y)
-        if not isinstance(x_adv, Tensor) or x_adv.shape != x.shape:
-            got = tuple(x_adv.shape) if isinstance(x_adv, Tensor) else type(x_adv).__name__
-            raise PluginError(
-                f"perturbation '{self.name}' from plugin '{self.plugin}' returned {got}, expected a tensor "
-                f"of shape {tuple(x.shape)}"
-            )
-        x_adv = x_adv.detach().to(x.dtype)
-        fixed = torch.where(torch.isfinite(x_adv), x_adv, x)
-        if self.epsilon is not None:
-            fixed = torch.max(torch.min(fixed, x + self.epsilon), x - self.epsilon)
-        fixed = fixed.clamp(0, 1)
-        count = (fixed != x_adv).flatten(1).any(1).sum()  # NaN != anything, so NaNs count too
+        try:
+            with preserved_state(model):
+                out = self.perturb(model, x.clone(), y.clone())
+        except (UsageError, PluginError, KeyboardInterrupt):
+            raise
+        except (Exception, SystemExit) as exc:
+            raise PluginError(f"{self.what} failed: {type(exc).__name__}: {exc}") from exc
+        x_adv = validate_output(out, x, self.what)
+        count = (~self.ball.contains(x_adv, x, tol=0.0)).sum()
         self.violations = count if self.violations is None else self.violations + count
-        return fixed
+        return self.ball.project(x_adv, x)
 
     def take_violations(self) -> int:
         """How many examples were forced back into the threat model since the last call."""

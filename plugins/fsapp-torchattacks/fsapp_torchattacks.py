@@ -1,8 +1,9 @@
 """fsapp plugin: torchattacks' attacks as fsapp ``attack`` components (``ta-*`` names).
 
-Every component is ``attack(model, x, y) -> x_adv`` and declares its threat model (``norm``,
-``eps``; no eps = unbounded) and kind (``access``, ``loss``) for fsapp's evaluator. torchattacks
-is imported only when an attack runs, so ``fsapp plugins list`` stays cheap.
+Every component is an :class:`fsapp.adversary.Attack`: ``attack(model, x, y) -> x_adv`` declaring
+its threat model (``norm``, ``eps``; no eps = unbounded) and kind (``access``, ``loss``) for fsapp's
+evaluator; ``ta-autoattack`` is a staged attack run by fsapp's public cascade. torchattacks is
+imported only when an attack runs, so ``fsapp plugins list`` stays cheap.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fsapp import hookimpl
+from fsapp.adversary import Attack
 
 __version__ = "0.1.0"
 
@@ -241,7 +243,7 @@ def _seed(seed: int | None) -> int:
     return int(torch.randint(0, 2**31 - 1, (1,))) if seed is None else seed
 
 
-class TorchAttack:
+class TorchAttack(Attack):
     """``attack(model, x, y) -> x_adv`` around a torchattacks class built for the model at call time."""
 
     def __init__(self, name: str, build: Callable[[nn.Module, Tensor], Any], *, norm: str = "Linf",
@@ -278,31 +280,14 @@ def _differentiable(model: nn.Module, x: Tensor) -> bool:
         return torch.autograd.grad(out.sum(), xs, allow_unused=True)[0] is not None
 
 
-class Staged:
-    """An ensemble whose ``stages`` fsapp runs in order on the points still robust."""
+class Staged(Attack):
+    """An ensemble whose ``stages`` run in order on the points still robust (fsapp's cascade)."""
 
-    norm = "Linf"
-    access = "gradient"
     loss = "mixed"
 
     def __init__(self, eps: float, stages: list[tuple[str, TorchAttack]]) -> None:
         self.eps = eps
         self.stages = stages
-
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        adv = x.detach().clone()
-        with torch.no_grad():
-            robust = model(x).argmax(1) == y
-        for _, stage in self.stages:
-            ind = robust.nonzero().flatten()
-            if ind.numel() == 0:
-                break
-            out = stage(model, x[ind], y[ind])
-            with torch.no_grad():
-                fooled = model(out).argmax(1) != y[ind]
-            adv[ind[fooled]] = out[fooled]
-            robust[ind[fooled]] = False
-        return adv
 
 
 def _ta() -> Any:
