@@ -34,6 +34,8 @@ BUILTIN_MODULES = (
     "fsapp.builtins.perturbations",
     "fsapp.builtins.attacks",
     "fsapp.builtins.autoattack",
+    "fsapp.builtins.trackers",
+    "fsapp.builtins.imagefolder",
 )
 HOOKS = {
     "model": "register_models",
@@ -41,6 +43,7 @@ HOOKS = {
     "solver": "register_solvers",
     "perturbation": "register_perturbations",
     "attack": "register_attacks",
+    "tracker": "register_trackers",
 }
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from fsapp.errors import UsageError
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
-KINDS: tuple[str, ...] = ("model", "dataset", "solver", "perturbation", "attack")
+KINDS: tuple[str, ...] = ("model", "dataset", "solver", "perturbation", "attack", "tracker")
 
 
 @dataclass
