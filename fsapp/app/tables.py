@@ -491,7 +491,7 @@ def _num(value: float | None) -> str:
 
 def render_csv(table: Table) -> str:
     """One line per row: accuracies as fractions (mean, and std for seed groups), the number of
-    runs, seeds, samples and eps, and the source files."""
+    runs, their seeds, samples and eps (as numbers), and the source files."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     head = [table.first_title, "runs", "seeds", "samples", "eps"]
@@ -503,7 +503,7 @@ def render_csv(table: Table) -> str:
         line = [row.label, str(len(members)),
                 ";".join(str(e.seed) for e in members if e.seed is not None) if row.group else "",
                 ";".join(sorted({str(e.n) for e in members})),
-                ";".join(sorted({eps_text(e.eps) for e in members}))]
+                ";".join(sorted({_num(e.eps) for e in members}))]
         for c in table.columns:
             cell = row.cell(c.key)
             line += [_num(cell.mean), _num(cell.std)]
