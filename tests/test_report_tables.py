@@ -229,3 +229,16 @@ def test_three_real_seeds_trained_then_reported_as_one_group(tmp_path, one_threa
         assert got["mean"] == pytest.approx(statistics.mean(got["values"]))
         assert got["count"] == 3
     assert proc.stderr == ""  # same n, eps and attacks: no notes
+
+
+def test_the_newest_matching_report_of_a_run_is_used(tmp_path):
+    run = write_run(tmp_path / "r", 0, [acc(0.7, 0.4, 0.3)])
+    sha = hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest()
+    (run / "eval").mkdir()
+    for name, clean, when in (("b-old.json", 0.61, 1_000_000), ("a-new.json", 0.62, 2_000_000)):
+        path = run / "eval" / name
+        path.write_text(json.dumps(report_json("r/model.safetensors", sha, acc(clean, 0.3, 0.3), 100,
+                                               ["pgd:steps=20", "cw:steps=20"])))
+        os.utime(path, (when, when))
+    row = build_table([run]).rows[0]
+    assert row.members[0].source.endswith("a-new.json") and row.cell("clean").mean == 0.62

@@ -109,6 +109,8 @@ class Boom:
 
     def on_event(self, event):
         self.seen += 1
+        if self.when == "exit":
+            raise SystemExit(3)
         if self.when == "on_event" and type(event).__name__ == "StepEnd":
             raise ValueError("tracker server unreachable")
 
@@ -141,7 +143,7 @@ def test_a_raising_tracker_plugin_costs_one_warning_and_the_run_completes(tmp_pa
         assert len(list(csv.DictReader(fh))) == sum(isinstance(e, ev.StepEnd) for e in events)
 
 
-@pytest.mark.parametrize("when", ["factory", "open", "close"])
+@pytest.mark.parametrize("when", ["factory", "open", "close", "exit"])
 def test_a_tracker_failing_anywhere_costs_one_warning(tmp_path, install_plugin, when):
     install_plugin("fsapp-boom", "fsapp_boom", BOOM)
     from fsapp.plugins import reset_registry

@@ -174,6 +174,15 @@ def _sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
+def _age(path: Path) -> tuple[float, str]:
+    """Sort key: modification time, then name (report names are timestamps)."""
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        mtime = 0.0
+    return (mtime, path.name)
+
+
 @dataclass
 class _Run:
     """What a run directory offers: its live evaluation and its newest matching report."""
@@ -206,8 +215,7 @@ def _read_run(path: Path, shown: str, notes: list[str]) -> _Run:
                      float(eps) if _number(eps) else None, attacks, seed)
     report = None
     folder = path / rundir.EVAL_DIR
-    candidates = sorted(folder.glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name), reverse=True) \
-        if folder.is_dir() else []
+    candidates = sorted(folder.glob("*.json"), key=_age, reverse=True) if folder.is_dir() else []
     model_sha: str | None = None
     for candidate in candidates:
         try:

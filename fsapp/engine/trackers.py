@@ -75,7 +75,7 @@ class Trackers:
     def _call(self, label: str, what: str, fn: Any, *args: Any) -> ev.Warning | None:
         try:
             fn(*args)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a plugin calling sys.exit() must not end the job either
             self.active.pop(label, None)
             message = f"tracker '{label}' failed in {what} and is disabled: {_one_line(exc)}"
             log.debug("fsapp: %s", message, exc_info=True)
