@@ -356,7 +356,7 @@ def tui(
 @app.command()
 @friendly
 def report(
-    paths: list[Path] = typer.Argument(..., metavar="PATH...", help="Eval reports (.json), run directories, "
+    paths: list[Path] = typer.Argument(..., metavar="PATH", help="Eval reports (.json), run directories, "
                                        "or folders of them."),
     fmt: str = typer.Option("md", "--format", "-f", help="md (GitHub table), tex (booktabs), csv or json."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table here instead of stdout."),
