@@ -22,6 +22,8 @@ What each kind's factory must return:
 - solver: a callable ``solver(cost[B, B]) -> plan[B, B]`` for uniform marginals.
 - perturbation: a callable ``perturb(model, x, y) -> x_adv`` (training-time adversary).
 - attack: a callable ``attack(model, x, y) -> x_adv`` (evaluation-time adversary).
+- tracker: an object with ``on_event(event)`` and, optionally, ``open(run_dir, config)`` and
+  ``close()`` (see :mod:`fsapp.engine.trackers`); it receives every training and evaluation event.
 
 The attack and perturbation contract (what fsapp gives, what it expects, what it checks):
 
@@ -89,3 +91,8 @@ def register_perturbations(register: Register) -> None:
 @hookspec
 def register_attacks(register: Register) -> None:
     """Register evaluation attacks ``attack(model, x, y) -> x_adv``."""
+
+
+@hookspec
+def register_trackers(register: Register) -> None:
+    """Register experiment trackers that receive the engine's events (``on_event(event)``)."""

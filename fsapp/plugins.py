@@ -49,6 +49,8 @@ BUILTIN_MODULES = (
     "fsapp.builtins.perturbations",
     "fsapp.builtins.attacks",
     "fsapp.builtins.autoattack",
+    "fsapp.builtins.trackers",
+    "fsapp.builtins.imagefolder",
 )
 GUARDED_CALLS = ("solver", "perturbation", "attack")  # kinds whose factory returns a plain callable
 COMPONENT_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,100}")

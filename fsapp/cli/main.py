@@ -382,6 +382,22 @@ def tui(
     run_tui(runs_dir)
 
 
+# -- report --------------------------------------------------------------------------------
+
+@app.command()
+@friendly
+def report(
+    paths: list[Path] = typer.Argument(..., metavar="PATH", help="Eval reports (.json), run directories, "
+                                       "or folders of them."),
+    fmt: str = typer.Option("md", "--format", "-f", help="md (GitHub table), tex (booktabs), csv or json."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table here instead of stdout."),
+) -> None:
+    """One table of clean, per-attack, worst-case and AutoAttack accuracy; seeds as mean +- std."""
+    from fsapp.cli.reportcmd import run_report
+
+    run_report(paths, fmt, out)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -170,3 +170,41 @@ class NoiseAttack:
 def register_attacks(register):
     register("example-noise", NoiseAttack, params=NoiseAttackParams,
              description="the first of k uniform-noise draws in the eps-ball that fools the model")
+
+
+# -- tracker -------------------------------------------------------------------------------
+
+from fsapp.engine.events import EvalResult  # noqa: E402  (kept beside the one component that uses it)
+
+
+@dataclass
+class SummaryParams:
+    filename: str = "example-summary.txt"
+
+
+class SummaryTracker:
+    """One line per live evaluation (epoch, clean and worst-case accuracy) in a text file in the run
+    directory. A tracker for MLflow or W&B has the same shape: log in ``on_event``."""
+
+    def __init__(self, p: SummaryParams) -> None:
+        self.filename = p.filename
+        self.path = None
+
+    def open(self, run_dir, config) -> None:
+        self.path = run_dir / self.filename
+
+    def on_event(self, event) -> None:
+        if isinstance(event, EvalResult) and self.path is not None:
+            acc = event.accuracy
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(f"epoch {event.epoch + 1}: clean {acc.get('clean', 0):.4f} "
+                         f"worst case {acc.get('worst_case', acc.get('clean', 0)):.4f}\n")
+
+    def close(self) -> None:
+        self.path = None
+
+
+@hookimpl
+def register_trackers(register):
+    register("example-summary", SummaryTracker, params=SummaryParams,
+             description="one line per live evaluation (clean, worst case) in <run>/example-summary.txt")
