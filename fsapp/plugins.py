@@ -163,7 +163,7 @@ class GuardedCall:
 
 def _guarded_factory(plugin: str, kind: str, name: str, factory: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """``factory`` whose errors, and those of the callable it returns, name the plugin and component."""
-    label = f"plugin '{plugin}' component '{kind} {name}'"
+    label = f"{kind} '{name}' from plugin '{plugin}'"
 
     def build(params: Any) -> Any:
         try:

@@ -201,7 +201,7 @@ ERRORS = [
     ("attribute-error", PluginError, "failed: AttributeError: broken inside"),
     ("runtime-error", PluginError, "failed: RuntimeError: broken inside"),
     ("system-exit", PluginError, "failed: SystemExit: 3"),
-    ("value-error", UsageError, "cannot run: broken inside"),
+    ("value-error", UsageError, "failed: ValueError: broken inside"),
 ]
 
 

@@ -215,19 +215,19 @@ def test_component_errors_name_the_plugin_and_component(install_plugin, fresh_re
     install_plugin("runtime-plugin", "runtime_mod", RUNTIME)
     reg = fresh_registry()
     x, y = torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
-    with pytest.raises(PluginError, match=r"^plugin 'runtime-plugin' component 'attack build-fails' failed to "
+    with pytest.raises(PluginError, match=r"^attack 'build-fails' from plugin 'runtime-plugin' failed to "
                                           r"build: TypeError: cannot build from NoParams\(\)$"):
         reg.create("attack", "build-fails")
-    with pytest.raises(PluginError, match=r"^plugin 'runtime-plugin' component 'attack key-error' failed: "
+    with pytest.raises(PluginError, match=r"^attack 'key-error' from plugin 'runtime-plugin' failed: "
                                           r"KeyError: 'k'$"):
         reg.create("attack", "key-error")(None, x, y)
-    with pytest.raises(PluginError, match="component 'solver index-error' failed: IndexError: list index out"):
+    with pytest.raises(PluginError, match="solver 'index-error' from plugin 'runtime-plugin' failed: IndexError: list index out"):
         reg.create("solver", "index-error")(torch.rand(3, 3))
-    with pytest.raises(PluginError, match="component 'perturbation attribute-error' failed: AttributeError: "):
+    with pytest.raises(PluginError, match="perturbation 'attribute-error' from plugin 'runtime-plugin' failed: AttributeError: "):
         reg.create("perturbation", "attribute-error")(None, x, y)
-    with pytest.raises(PluginError, match="component 'attack exits' failed: SystemExit: 4"):
+    with pytest.raises(PluginError, match="attack 'exits' from plugin 'runtime-plugin' failed: SystemExit: 4"):
         reg.create("attack", "exits")(None, x, y)
-    with pytest.raises(ValueError, match="component 'attack value-error' failed: ValueError: needs 3") as info:
+    with pytest.raises(ValueError, match="attack 'value-error' from plugin 'runtime-plugin' failed: ValueError: needs 3") as info:
         reg.create("attack", "value-error")(None, x, y)  # still a ValueError: "cannot run here"
     assert isinstance(info.value, PluginError)
     tagged = reg.create("attack", "tagged")
@@ -248,7 +248,7 @@ def test_component_error_in_training_is_one_line_exit_1(install_plugin, tmp_path
     assert "Traceback" not in proc.stderr
     errors = [line for line in _lines(proc.stderr) if line.startswith("error:")]
     assert errors == [errors[0]] and errors[0].startswith(
-        "error: plugin 'runtime-plugin' component 'perturbation attribute-error' failed: AttributeError: "), errors
+        "error: perturbation 'attribute-error' from plugin 'runtime-plugin' failed: AttributeError: "), errors
 
 
 def test_component_error_in_evaluation_is_one_line_exit_1(install_plugin, fresh_registry, tmp_path):
@@ -261,9 +261,9 @@ def test_component_error_in_evaluation_is_one_line_exit_1(install_plugin, fresh_
     model = reg.create("model", "mlp", **params)
     path = save_model(tmp_path / "model.safetensors", model, model_metadata("mlp", params, dataset="digits"))
     runner = CliRunner()
-    result = runner.invoke(app, ["eval", str(path), "--attack", "key-error", "--n", "20"])
+    result = runner.invoke(app, ["eval", str(path), "--attack", "key-error", "--n", "200"])
     assert result.exit_code == 1, result.output
-    assert _lines(result.stderr)[-1] == "error: plugin 'runtime-plugin' component 'attack key-error' failed: " \
+    assert _lines(result.stderr)[-1] == "error: attack 'key-error' from plugin 'runtime-plugin' failed: " \
                                         "KeyError: 'k'"
-    result = runner.invoke(app, ["eval", str(path), "--attack", "value-error", "--n", "20"])
+    result = runner.invoke(app, ["eval", str(path), "--attack", "value-error", "--n", "200"])
     assert result.exit_code == 2 and _lines(result.stderr)[-1].endswith("failed: ValueError: needs 3 channels")

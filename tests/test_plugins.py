@@ -152,7 +152,7 @@ def register_solvers(register):
     register("bad-solver", factory)
 """)
     reg = load_registry()
-    with pytest.raises(PluginError, match="plugin 'bad-factory' component 'solver bad-solver' failed to build: "
+    with pytest.raises(PluginError, match="solver 'bad-solver' from plugin 'bad-factory' failed to build: "
                                           "RuntimeError: cannot build"):
         reg.create("solver", "bad-solver")
 

@@ -111,7 +111,7 @@ def render(console: Console, data: dict[str, Any], model_path: Path, report: Pat
     table.add_row("clean", "", f"{acc['clean']:.1%}", f"{counts['clean']}/{n}", "")
     for run in data["attacks"]:
         t = run["threat_model"]
-        tm = f"{t['norm']} {eps_text(t['eps'])}" + ("" if run["in_worst_case"] else " (not in worst case)")
+        tm = (f"{t['norm']} {eps_text(t['eps'])}" if t["eps"] is not None else "unbounded") + ("" if run["in_worst_case"] else " (not in worst case)")
         table.add_row(Text(run["key"]), Text(tm), f"{run['accuracy']:.1%}", f"{counts[run['key']]}/{n}",
                       f"{run['seconds']:.1f}")
         for stage, value in run["stages"].items():

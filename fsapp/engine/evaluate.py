@@ -421,20 +421,22 @@ def _call_attack(plan: _Plan, stage: str, attack: Any, net: torch.nn.Module, mod
     try:
         with preserved_state(net, model if model is not net else None):
             return attack(net, xs.clone(), ys.clone())
-    except (UsageError, PluginError, KeyboardInterrupt):
+    except (UsageError, KeyboardInterrupt):
         raise
+    except ValueError as exc:  # the attack cannot run on this model/data (too few classes, ...)
+        where = f"{plan.name} ({stage})" if stage else plan.name
+        raise UsageError(str(exc) if isinstance(exc, PluginError) else f"attack {where} cannot run: {exc}") from None
     except RuntimeError as exc:
         if _no_input_gradient(exc):
             # the output does not depend differentiably on the input: this gradient attack finds
             # nothing (counted as not fooled, reported and flagged)
             found["no_gradient"] += len(xs)
             return xs
-        if plan.third_party:
+        if plan.third_party and not isinstance(exc, PluginError):
             raise PluginError(f"{plan.what(stage)} failed: {type(exc).__name__}: {exc}") from exc
         raise
-    except ValueError as exc:  # the attack cannot run on this model/data (too few classes, ...)
-        where = f"{plan.name} ({stage})" if stage else plan.name
-        raise UsageError(f"attack {where} cannot run: {exc}") from None
+    except PluginError:
+        raise
     except (Exception, SystemExit) as exc:
         if not plan.third_party:
             raise
