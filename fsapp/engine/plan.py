@@ -133,13 +133,16 @@ def lr_at(cfg: Config, epoch: int) -> float:
     return cfg.optim.lr * cfg.schedule.gamma ** passed
 
 
-def comparable(tables: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Resolved tables as flat ``section.key`` -> JSON value, without the location keys."""
+def comparable(tables: dict[str, Any]) -> dict[str, Any]:
+    """Tables as flat ``section.key`` -> JSON value, without the location keys."""
     flat: dict[str, Any] = {}
     for table, values in tables.items():
+        if not isinstance(values, dict):
+            flat[str(table)] = json.loads(json.dumps(values, default=str))
+            continue
         for key, value in values.items():
             if f"{table}.{key}" not in LOCATION_KEYS:
-                flat[f"{table}.{key}"] = json.loads(json.dumps(value))
+                flat[f"{table}.{key}"] = json.loads(json.dumps(value, default=str))
     return flat
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from fsapp.config import load_tables
 from fsapp.engine import events as ev
-from fsapp.engine.plan import RunPlan, comparable
+from fsapp.engine.plan import comparable
 from fsapp.engine.rundir import MANIFEST, METRICS, MODEL, Follower
 from fsapp.errors import FsappError, UsageError
 
@@ -64,16 +64,17 @@ def checkpoint_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def config_changes(stored: dict[str, Any], plan: RunPlan, config_file: Path) -> list[str]:
-    """``key: old -> new`` for each key of ``config_file`` that differs from the checkpoint's
-    recorded configuration ``stored`` (a key missing from the file counts)."""
-    raw, _ = load_tables(config_file)
-    present = {f"{t}.{k}" for t, values in raw.items() if isinstance(values, dict) for k in values}
-    old, new = comparable(stored), comparable(plan.tables)
+def config_changes(stored: dict[str, Any], raw: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for each key whose value in the file's tables ``raw`` differs from the
+    checkpoint's recorded configuration ``stored`` (a key missing from the file, or added to it,
+    counts). The file is compared as written, before validation, so even an edit that makes it
+    invalid is named."""
+    old, new = comparable(stored), comparable(raw if isinstance(raw, dict) else {})
     rows = []
     for key in list(old) + [k for k in new if k not in old]:
-        if key not in new or (key not in present and old.get(key) is not None):
-            rows.append(f"{key}: {_show(old.get(key))} -> missing")
+        if key not in new:
+            if old[key] is not None:
+                rows.append(f"{key}: {_show(old[key])} -> missing")
         elif old.get(key) != new[key]:
             rows.append(f"{key}: {_show(old.get(key))} -> {_show(new[key])}")
     return rows
@@ -83,7 +84,7 @@ def _show(value: Any) -> str:
     return json.dumps(value) if value is not None else "absent"
 
 
-def pending_extension(run_path: Path, stored_epochs: Any, epochs: int) -> bool:
+def pending_extension(run_path: Path, stored_epochs: Any, epochs: Any) -> bool:
     """Whether ``manifest.json`` records an extension from ``stored_epochs`` to ``epochs`` (the
     run was extended and stopped before its next checkpoint)."""
     try:
@@ -94,17 +95,16 @@ def pending_extension(run_path: Path, stored_epochs: Any, epochs: int) -> bool:
         return False
 
 
-def check_config(run_path: Path, state: dict[str, Any], plan: RunPlan, config_file: Path) -> bool:
+def check_config(run_path: Path, state: dict[str, Any], config_file: Path) -> bool:
     """Refuse (one line naming the keys) when ``config_file`` no longer says what the checkpoint
     was trained with. Returns False when the checkpoint records no configuration (older fsapp)."""
     stored = state.get("config")
     if not isinstance(stored, dict):
         return False
-    if state.get("config_digest") == plan.digest:
-        return True
-    changes = config_changes(stored, plan, config_file)
-    stored_epochs = stored.get("schedule", {}).get("epochs")
-    if pending_extension(run_path, stored_epochs, plan.cfg.schedule.epochs):
+    raw, _ = load_tables(config_file)
+    changes = config_changes(stored, raw)
+    epochs = raw.get("schedule", {}).get("epochs") if isinstance(raw.get("schedule"), dict) else None
+    if pending_extension(run_path, stored.get("schedule", {}).get("epochs"), epochs):
         changes = [c for c in changes if not c.startswith("schedule.epochs:")]
     if changes:
         raise UsageError(

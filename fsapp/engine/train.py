@@ -224,16 +224,16 @@ def _open(config: Any, run_dir: Any, resume: Any, extend_epochs: int | None) -> 
     run_path = Path(resume)
     if not (run_path / CONFIG).is_file():
         raise UsageError(f"cannot resume {run_path}: no config.toml there (not a run directory)")
+    state = checkpoint_state(run_path / CHECKPOINT) if (run_path / CHECKPOINT).exists() else None
+    checked = state is not None and check_config(run_path, state, run_path / CONFIG)  # before validation
     cfg = load(run_path / CONFIG)
     extend = extend_epochs is not None and extend_epochs != cfg.schedule.epochs
     if not extend:
         refuse_finished(run_path, cfg.schedule.epochs)
-    opening = Opening(plan_run(cfg), run_path)
-    if (run_path / CHECKPOINT).exists():
-        opening.state = checkpoint_state(run_path / CHECKPOINT)
-        if not check_config(run_path, opening.state, opening.plan, run_path / CONFIG):
-            opening.notes.append(f"{CHECKPOINT} records no configuration (written by an older fsapp): "
-                                 f"{CONFIG} was not checked against it")
+    opening = Opening(plan_run(cfg), run_path, state)
+    if state is not None and not checked:
+        opening.notes.append(f"{CHECKPOINT} records no configuration (written by an older fsapp): "
+                             f"{CONFIG} was not checked against it")
     if extend:
         check_extension(cfg.schedule.epochs, extend_epochs)
         longer = dataclasses.replace(cfg.schedule, epochs=extend_epochs)
