@@ -256,3 +256,22 @@ def test_non_finite_weights_are_never_written_as_a_model(tmp_path, monkeypatch):
         list(train(_tables(tmp_path), run_dir=tmp_path / "run"))
     assert "\n" not in str(info.value)
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_cli_resume_takes_only_more_epochs(stopped, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(stopped, run)
+    before = _snapshot(run)
+    for bad in (["--set", "optim.lr=0.2"], ["--set", "schedule.epochs=two"], ["demo"]):
+        result = CliRunner().invoke(app, ["train", "--resume", str(run), *bad])
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert _snapshot(run) == before
+
+
+def test_the_tui_runs_the_same_job_as_a_process(tmp_path):
+    import sys
+
+    from fsapp.app.trainjob import train_command
+
+    assert train_command("demo", tmp_path / "r") == [sys.executable, "-m", "fsapp", "train", "demo", "--run-dir",
+                                                     str(tmp_path / "r"), "-q"]
