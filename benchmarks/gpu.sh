@@ -30,7 +30,7 @@ start=$(date +%s)
 "$PY" - <<'PY' || exit 1
 import sys
 import torch
-import fsapp.bench, fsapp.engine.train  # noqa: F401  the core alone
+import fsapp.bench, fsapp.bench.evaluation, fsapp.engine.train  # noqa: F401  the core alone
 ui = sorted(m for m in ("textual", "typer", "rich") if m in sys.modules)
 assert not ui, f"the core imported {ui}"
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device (CPU)"

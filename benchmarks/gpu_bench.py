@@ -57,7 +57,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _device(name: str) -> torch.device:
-    from fsapp.engine.train import pick_device
+    from fsapp.engine.distributed import pick_device
 
     return pick_device(name)
 

@@ -58,7 +58,12 @@ def evaluate(model: Any, x: Any, y: Any, attacks: list[str] | tuple[str, ...] = 
 
 
 def train(config: "Config | dict[str, Any] | str", **kwargs: Any) -> "Iterator[Event]":
-    """Train as ``config`` says (a Config, a dict of sections, or a preset name); yields events."""
+    """Train as ``config`` says (a Config, a dict of sections, or a preset name); yields events.
+
+    Keywords: ``run_dir``, ``resume`` (a run directory to continue), ``extend_epochs`` (with
+    ``resume``: train it on to that many epochs), ``control``. The run's randomness is its own:
+    other code drawing random numbers between its events does not change it, nor is it changed.
+    """
     from fsapp.engine.train import train as _train
 
     return _train(config, **kwargs)

@@ -131,6 +131,7 @@ class RunSection(_Section):
     log_every: int = ranged(10, 1, 10**9)
     checkpoint_every: int = ranged(0, 0, 10**9)  # 0: at the end of each epoch
     max_bad_steps: int = ranged(10, 0, 10**9)
+    max_bad_fraction: float = ranged(0.5, 0.0, 1.0, high_open=True)  # abort at an epoch end when more were skipped
     host_checks: Literal["auto", "every-step", "log-points"] = "auto"
 
     def check(self) -> None:
@@ -226,7 +227,13 @@ SECTIONS: dict[str, type] = {
     "schedule": ScheduleSection,
     "eval": EvalSection,
 }
-COMPONENT_TABLES = {"model": "model", "data": "dataset", "perturbation": "perturbation", "solver": "solver"}
+COMPONENT_OF_TABLE: dict[str, tuple[str, str, str]] = {
+    "model": ("model", "model", "name"),
+    "data": ("dataset", "data", "name"),
+    "perturbation": ("perturbation", "method", "perturbation"),
+    "solver": ("solver", "method", "solver"),
+}
+"""Tables that hold a component's parameters: table -> (component kind, section and key naming it)."""
 ALL_TABLES = tuple(SECTIONS) + ("perturbation", "solver")
 
 
@@ -351,31 +358,22 @@ def _valid_keys(table: str, cfg_tables: dict[str, dict[str, Any]]) -> dict[str, 
     """Map of key -> type valid in ``table`` given the component names chosen in cfg_tables."""
     from fsapp.plugins import get_registry
 
-    reg = get_registry()
     keys: dict[str, Any] = {}
     if table in SECTIONS:
         keys.update(_section_fields(SECTIONS[table]))
-    if table == "model":
-        name = cfg_tables.get("model", {}).get("name", ModelSection.name)
-        comp = reg.get("model", name)
-        base = set(_section_fields(ModelParams))
-        keys.update({k: t for k, t in _section_fields(comp.params).items() if k not in base})
-    elif table == "data":
-        comp = reg.get("dataset", cfg_tables.get("data", {}).get("name", DataSection.name))
-        keys.update(_section_fields(comp.params))
-    elif table == "solver":
-        comp = reg.get("solver", cfg_tables.get("method", {}).get("solver", MethodSection.solver))
-        keys.update(_section_fields(comp.params))
-    elif table == "perturbation":
-        name = cfg_tables.get("method", {}).get("perturbation", MethodSection.perturbation)
-        comp = reg.get("perturbation", name)
-        budget = {"epsilon", "step_size", "steps", "solver"}
-        keys.update({k: t for k, t in _section_fields(comp.params).items() if k not in budget})
+    if table in COMPONENT_OF_TABLE:
+        kind, section, key = COMPONENT_OF_TABLE[table]
+        comp = get_registry().get(kind, _component_name(table, cfg_tables))
+        skip = {"model": set(_section_fields(ModelParams)),
+                "perturbation": {"epsilon", "step_size", "steps", "solver"}}.get(table, set())
+        keys.update({k: t for k, t in _section_fields(comp.params).items() if k not in skip})
     return keys
 
 
-def _component_kind(table: str) -> str:
-    return COMPONENT_TABLES.get(table, table)
+def _component_name(table: str, cfg_tables: dict[str, dict[str, Any]]) -> str:
+    """The name of the component whose parameters ``table`` holds, as chosen in cfg_tables."""
+    _, section, key = COMPONENT_OF_TABLE[table]
+    return cfg_tables.get(section, {}).get(key, getattr(SECTIONS[section], key))
 
 
 def from_tables(tables: dict[str, Any], source: str = "config") -> Config:
@@ -435,15 +433,9 @@ def from_tables(tables: dict[str, Any], source: str = "config") -> Config:
 
 
 def _where(table: str, names: dict[str, dict[str, Any]]) -> str:
-    if table == "model":
-        return f" for model '{names['model']['name']}'"
-    if table == "data":
-        return f" for dataset '{names['data']['name']}'"
-    if table == "solver":
-        return f" for solver '{names['method']['solver']}'"
-    if table == "perturbation":
-        return f" for perturbation '{names['method']['perturbation']}'"
-    return ""
+    if table not in COMPONENT_OF_TABLE:
+        return ""
+    return f" for {COMPONENT_OF_TABLE[table][0]} '{_component_name(table, names)}'"
 
 
 def _check_components(cfg: Config, source: str) -> None:

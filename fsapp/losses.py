@@ -7,6 +7,7 @@ Conventions follow the authors' reference code (see REFERENCE.md): label smoothi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 Reduction = Literal["mean", "sum", "none"]
 
 __all__ = [
+    "OuterLoss",
     "compute_dtype",
     "cost_matrix",
     "cw_margin_loss",
@@ -95,3 +97,24 @@ def cost_matrix(z_clean: torch.Tensor, z_adv: torch.Tensor, eps: float = 1e-8) -
     a = a / a.norm(dim=1, keepdim=True).clamp_min(eps)
     b = b / b.norm(dim=1, keepdim=True).clamp_min(eps)
     return torch.clamp(1.0 - a @ b.t(), min=0.0)
+
+
+@dataclass(frozen=True)
+class OuterLoss:
+    """The training loss on the perturbed batch, by name: ``soft-ce`` (label-smoothed soft
+    cross-entropy with factor ``smoothing``, the paper's) or ``ce`` (cross-entropy; ``smoothing``
+    is ignored). ``soft-ce`` with ``smoothing=0`` is cross-entropy and computed as such. Runs in
+    float32 for half-precision logits (float64 stays float64)."""
+
+    name: Literal["soft-ce", "ce"] = "soft-ce"
+    smoothing: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.name not in ("soft-ce", "ce"):
+            raise ValueError(f"loss must be soft-ce or ce, got {self.name!r}")
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = logits.to(compute_dtype(logits.dtype))
+        if self.name == "soft-ce" and self.smoothing > 0:
+            return soft_cross_entropy(logits, y, self.smoothing)
+        return F.cross_entropy(logits, y)

@@ -105,3 +105,10 @@ def test_gpu_script_runs_tiny_on_the_cpu(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["projection"]["by_variant"]) == {"fp32", "bf16", "bf16+channels_last"}
     assert summary["projection"]["steps_per_epoch"] == 834
+
+
+@pytest.mark.parametrize("device", ["tpu", "mps", "cuda:x", ""])
+def test_bench_refuses_a_device_this_build_cannot_run(device):
+    result = CliRunner().invoke(app, ["bench", "--device", device, "--json"])
+    assert result.exit_code == 2 and "valid here: auto, cpu" in result.output
+    assert result.output.count("\n") == 1

@@ -127,7 +127,7 @@ def test_two_gloo_ranks_end_with_identical_weights(reference, monkeypatch):
     assert len(set(info["state_digests"])) == 1
     # what rank 0 saved is what every rank holds
     monkeypatch.syspath_prepend(str(_site(root)))
-    assert ddp.state_digest(fsapp.load_model(run / "model.safetensors")) == info["state_digests"][0]
+    assert ddp.model_digest(fsapp.load_model(run / "model.safetensors")) == info["state_digests"][0]
     events = _events(run)
     kinds = [e["event"] for e in events]
     assert kinds.count("RunStarted") == 1 and kinds.count("Finished") == 1  # rank 0 alone writes
@@ -150,8 +150,8 @@ def test_resume_needs_the_same_world_size(reference, monkeypatch, fresh_registry
     root, run = reference
     monkeypatch.syspath_prepend(str(_site(root)))
     fresh_registry()
-    with pytest.raises(UsageError, match="trained by 2 process"):
-        list(train(resume=run))
+    with pytest.raises(UsageError, match="trained by 2 process"):  # a finished run, trained on: 3 epochs
+        list(train(resume=run, extend_epochs=3))
 
 
 @pytest.mark.slow
@@ -200,7 +200,7 @@ def test_helpers_are_identities_in_one_process():
     assert ddp.any_rank(flag) is flag
     model = torch.nn.Linear(3, 2)
     assert ddp.wrap(model, d) is model and ddp.unwrap(model) is model
-    assert ddp.state_digests(model, d) == [ddp.state_digest(model)]
+    assert ddp.state_digests(model, d) == [ddp.model_digest(model)]
 
 
 def test_shards_split_a_global_batch_evenly():
@@ -210,14 +210,14 @@ def test_shards_split_a_global_batch_evenly():
     assert torch.equal(torch.cat(parts), x)
 
 
-def test_state_digest_sees_every_tensor():
+def test_model_digest_sees_every_tensor():
     torch.manual_seed(0)
     a = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     b = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     b.load_state_dict(a.state_dict())
-    assert ddp.state_digest(a) == ddp.state_digest(b)
+    assert ddp.model_digest(a) == ddp.model_digest(b)
     b[1].num_batches_tracked += 1
-    assert ddp.state_digest(a) != ddp.state_digest(b)
+    assert ddp.model_digest(a) != ddp.model_digest(b)
 
 
 def test_env_world(monkeypatch):
@@ -231,3 +231,60 @@ def test_env_world(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(UsageError):
         ddp.env_world()
+
+
+def test_model_digest_is_the_evaluators_digest():
+    from fsapp.engine.evalstate import model_digest as eval_digest
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    assert ddp.model_digest(model) == eval_digest(model)
+
+
+@pytest.mark.parametrize("name", ["mps", "tpu", "cuda:x", "", "cuda:-1", "CPU", "cuda:0:1", " cpu"])
+def test_pick_device_refuses_names_outside_the_valid_choices(name):
+    with pytest.raises(UsageError, match=r"valid here: auto, cpu"):
+        ddp.pick_device(name)
+
+
+def test_pick_device_accepts_what_this_build_runs():
+    assert ddp.pick_device("cpu") == torch.device("cpu")
+    assert ddp.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        for name in ("cuda", "cuda:0", "cuda:12"):
+            with pytest.raises(UsageError, match="no CUDA device"):
+                ddp.pick_device(name)
+    else:
+        with pytest.raises(UsageError, match="does not exist"):
+            ddp.pick_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_cuda_rng_states_are_ordered_by_device_index():
+    keys = [f"rng.cuda.{i}" for i in range(12)] + ["rng.torch", "rng.cuda.x", "model.w"]
+    assert sorted(k for k in keys if k.startswith("rng.cuda."))[:3] == ["rng.cuda.0", "rng.cuda.1", "rng.cuda.10"]
+    assert ddp.cuda_rng_keys(set(keys)) == [f"rng.cuda.{i}" for i in range(12)]
+    extra = {f"extra.rng.cuda.{i}": torch.tensor([i]) for i in (10, 2, 0, 1)}
+    assert ddp.cuda_rng_keys(extra, "extra.rng.cuda.") == [f"extra.rng.cuda.{i}" for i in (0, 1, 2, 10)]
+    if not torch.cuda.is_available():
+        assert ddp.cuda_rng_tensors() == {} and ddp.restore_cuda_rng(extra) is False
+
+
+def test_unwrap_takes_off_ddp_and_on_request_compile():
+    model = torch.nn.Linear(2, 2)
+
+    class Compiled(torch.nn.Module):  # what torch.compile returns keeps the module as _orig_mod
+        def __init__(self) -> None:
+            super().__init__()
+            self._orig_mod = model
+
+    wrapped = Compiled()
+    assert ddp.unwrap(wrapped) is wrapped and ddp.unwrap(wrapped, compiled=False) is model
+
+
+def test_evaluation_shards_in_one_process():
+    shard = ddp.current()
+    assert shard == ddp.Shard() and not shard.active and shard.owns(5)
+    assert [ddp.Shard(1, 3).owns(b) for b in range(6)] == [False, True, False, False, True, False]
+    values = torch.tensor([1.0, 2.0])
+    assert ddp.all_sum(values) is values and ddp.all_max(values) is values
+    ddp.barrier()  # no group: returns at once
+    assert ddp.local_device(torch.device("cpu")) == torch.device("cpu")

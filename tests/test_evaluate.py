@@ -320,7 +320,7 @@ def test_live_evaluation_during_training(tmp_path, tiny_digits_config):
 
 def test_eval_bench_figures():
     pytest.importorskip("torchattacks")
-    from fsapp.engine.evalbench import eval_bench
+    from fsapp.bench.evaluation import eval_bench
 
     figures = eval_bench(device="cpu", repeats=1, autoattack=False)
     pgd = figures["pgd"]

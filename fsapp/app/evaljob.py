@@ -98,18 +98,18 @@ def run_eval(request: EvalRequest, on_event: OnEvent | None = None) -> dict[str,
 
 def _run(req: EvalRequest, emit: Callable[[ev.Event], None], stream: "_EventFile") -> dict[str, Any] | None:
     from fsapp.checkpoint import load_model_file_digest
-    from fsapp.engine import evalshard
+    from fsapp.engine import distributed as ddp
+    from fsapp.engine.distributed import pick_device
     from fsapp.engine.evaluate import evaluate
     from fsapp.engine.sweep import parse_sweep, run_sweep
-    from fsapp.engine.train import pick_device
 
     if req.n < 1:
         raise UsageError(f"--n must be >= 1, got {req.n}")
     if req.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {req.batch_size}")
     sweep_list = [parse_sweep(s) for s in req.sweeps]
-    dev = evalshard.local_device(pick_device(req.device))
-    shard = evalshard.init_from_env(dev)
+    dev = ddp.local_device(pick_device(req.device))
+    shard = ddp.init_from_env(dev)
     lead = shard.rank == 0
     stream.enabled = lead
     model, meta, model_sha = load_model_file_digest(req.model, dev)
@@ -155,18 +155,18 @@ def _run(req: EvalRequest, emit: Callable[[ev.Event], None], stream: "_EventFile
         raise FsappError(f"interrupted; finished batches are saved in {state_file}: run the same command with "
                          "--resume to continue") from None
     if shard.active:
-        evalshard.barrier()
+        ddp.barrier()
 
     data = report_data(req, meta, model_sha, source_sha, str(dev), white, transfer, (eps_value, step_size),
                        report.to_dict(), sweeps_out, notes)
     if not lead:
         _remove_states(state_file)
-        evalshard.finish()
+        ddp.finish()
         return None
     write_outputs(data, meta, target, req.robustbench_json, state_file)
     _remove_states(state_file)
     if shard.active:
-        evalshard.finish()
+        ddp.finish()
     emit(ev.EvalFinished(str(target), dict(data["accuracy"]), data["flags"], time.perf_counter() - t_job))
     return data
 

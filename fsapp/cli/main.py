@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import signal
 import sys
@@ -124,37 +125,23 @@ def _run_dir_option(value: Optional[str]) -> Optional[Path]:
 def train(
     config: Optional[str] = typer.Argument(None, help="A preset name or a TOML file (default: demo)."),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Start from this preset."),
-    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: section.key=value (repeatable)."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/<time>-...).",
-                                           parser=str, callback=_run_dir_option),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: section.key=value (repeatable). "
+                                   "With --resume only schedule.epochs=N, to train the run longer."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/<time>-...); "
+                                           "a new or empty directory.", parser=str, callback=_run_dir_option),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory with its own "
+                                          "config.toml (refused if that was edited; a finished run is left as is)."),
     download: bool = typer.Option(False, "--download", help="Let dataset loaders download (network needed)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the final line."),
 ) -> None:
     """Train a model (Feature Scattering on the embedded digits by default)."""
-    from fsapp import config as cfgmod
+    from fsapp.app.trainjob import RunFinished, TrainRequest, train_events
     from fsapp.cli.render import TrainRenderer
     from fsapp.engine.rundir import Control
-    from fsapp.engine.train import train as run_train
 
-    if config and preset:
-        raise UsageError("give either a config (preset or TOML file) or --preset, not both")
-    overrides = list(set_)
-    if download:
-        tables, _ = cfgmod.load_tables(config or preset)
-        tables = cfgmod.apply_overrides(tables, overrides)
-        name = tables.get("data", {}).get("name", cfgmod.DataSection.name)
-        if "download" not in cfgmod.dataset_param_names(name):
-            raise UsageError(f"dataset '{name}' cannot be downloaded (it is embedded or generated)")
-        overrides.append("data.download=true")
+    request = TrainRequest(config, preset, tuple(set_), run_dir, resume, download)
     control = Control.new()
-    if resume is not None:
-        if config or preset or set_:
-            raise UsageError("--resume continues a run with its own config.toml; drop the config and --set")
-        events = run_train(resume=resume, control=control)
-    else:
-        cfg = cfgmod.load(config or preset, overrides)
-        events = run_train(cfg, run_dir=run_dir, control=control)
+    events = train_events(request, control)
 
     def on_sigint(signum: int, frame: Any) -> None:
         if control.stop.is_set():
@@ -164,12 +151,21 @@ def train(
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
+        events = iter(events)
+        try:
+            first = next(events, None)  # the checks before training: refusals print before any progress
+        except RunFinished as done:
+            console.print(str(done), markup=False, highlight=False, soft_wrap=True)
+            return
+        if first is None:
+            return
+        events = itertools.chain([first], events)
         if quiet:
             from fsapp.engine import events as ev
 
             for event in events:
                 if isinstance(event, ev.Finished):
-                    console.print(f"model: {event.model_path}")
+                    console.print(f"model: {event.model_path}", markup=False, highlight=False, soft_wrap=True)
         else:
             with TrainRenderer(console) as renderer:
                 for event in events:

@@ -1,6 +1,9 @@
-"""Many devices: one process per device under ``torchrun``, joined by ``torch.distributed``.
+"""Devices and processes: the device a command runs on, and one process per device under
+``torchrun`` joined by ``torch.distributed`` (training with DDP, evaluation sharded by batch).
 
-The training loop calls :func:`setup` once. Without ``WORLD_SIZE > 1`` in the environment it
+:func:`pick_device` checks a device name once, for every command (train, eval, bench).
+
+Training calls :func:`setup` once. Without ``WORLD_SIZE > 1`` in the environment it
 returns a one-process :class:`Dist` and every helper here is the identity, so single-device
 code pays nothing. Under ``torchrun --nproc_per_node N -m fsapp train ...`` each process joins
 the group named by ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (nccl on CUDA, gloo on the CPU) and
@@ -17,12 +20,18 @@ Conventions the loop relies on (docs/benchmarks.md, "Many devices"):
   forward/backward goes through DDP (gradients averaged over ranks).
 - rank 0 writes the run directory, the metrics and the checkpoints; every rank's RNG state is
   gathered into the checkpoint so a resumed run (same world size) continues bit-identically.
+
+Evaluation (:class:`Shard`, :func:`init_from_env`, :func:`all_sum`, ...): batches of the fixed
+sample order are dealt round-robin to ranks (batch ``b`` belongs to rank ``b % world``). Every
+batch is seeded from its global index, so each sample meets the same attack draws as in a single
+process, and summing the per-sample masks over ranks gives exactly the single-process totals.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -31,29 +40,77 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fsapp.devices import check_device_name
 from fsapp.errors import UsageError
 
 __all__ = [
     "Dist",
+    "Shard",
     "agree",
+    "all_max",
+    "all_sum",
     "all_gather_tensor",
     "all_reduce_sum",
     "any_rank",
     "barrier",
     "broadcast_buffers",
     "broadcast_text",
+    "cuda_rng_keys",
+    "cuda_rng_tensors",
+    "current",
     "env_world",
+    "env_world_size",
+    "finish",
+    "init_from_env",
     "is_active",
+    "local_device",
+    "model_digest",
+    "pick_device",
+    "restore_cuda_rng",
     "restore_rng",
     "rng_state_tensors",
     "setup",
     "shard_rows",
     "shutdown",
-    "state_digest",
     "state_digests",
     "unwrap",
+    "valid_devices",
     "wrap",
 ]
+
+_DEVICE = re.compile(r"auto|cpu|cuda(?::([0-9]+))?")
+
+
+def valid_devices() -> list[str]:
+    """The device names this torch build can run: auto, cpu, and cuda, cuda:0, ... when CUDA is there."""
+    names = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return names
+
+
+def pick_device(name: str) -> torch.device:
+    """The device called ``name``, checked once for every command: ``auto`` (CUDA when present,
+    else the CPU), ``cpu``, ``cuda`` or ``cuda:N`` for a device that exists. Anything else (mps,
+    tpu, ``cuda:x``, an empty name) is one line naming the valid choices."""
+    check_device_name(name)  # the spelling: one rule for every command and config key
+    match = _DEVICE.fullmatch(name)
+    valid = ", ".join(valid_devices())
+    if match is None:
+        raise UsageError(f"unknown device {name!r}; valid here: {valid}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UsageError(f"device '{name}' asked for, but this torch build sees no CUDA device; valid here: {valid}")
+    if match.group(1) is None:
+        return torch.device("cuda")
+    index = int(match.group(1))
+    if index >= torch.cuda.device_count():
+        raise UsageError(f"device '{name}' does not exist ({torch.cuda.device_count()} CUDA devices); "
+                         f"valid here: {valid}")
+    return torch.device("cuda", index)
 
 
 @dataclass(frozen=True)
@@ -62,7 +119,6 @@ class Dist:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str = ""
     owns_group: bool = False
@@ -124,7 +180,7 @@ def setup(device: torch.device, timeout_s: float = 1800.0) -> Dist:
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)
         owns = True
-    return Dist(dist.get_rank(), dist.get_world_size(), local, device, dist.get_backend(), owns)
+    return Dist(dist.get_rank(), dist.get_world_size(), device, dist.get_backend(), owns)
 
 
 def shutdown(d: Dist) -> None:
@@ -133,8 +189,12 @@ def shutdown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def barrier(d: Dist) -> None:
-    """Wait for every rank (no-op in one process)."""
+def barrier(d: Dist | None = None) -> None:
+    """Wait for every rank (no-op in one process); without ``d``, the initialised group if any."""
+    if d is None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        return
     if d.active:
         if d.backend == "nccl":
             dist.barrier(device_ids=[d.device.index])
@@ -225,6 +285,31 @@ def restore_rng(extra: dict[str, Tensor], d: Dist) -> None:
         torch.cuda.set_rng_state(state.to(torch.uint8), d.device)
 
 
+def cuda_rng_keys(keys: list[str] | set[str], prefix: str = "rng.cuda.") -> list[str]:
+    """The keys ``<prefix><index>`` ordered by device index (``rng.cuda.2`` before ``rng.cuda.10``,
+    which a string sort gets wrong); other keys are left out."""
+    indexed = [(int(k[len(prefix):]), k) for k in keys
+               if k.startswith(prefix) and k[len(prefix):].isdigit()]
+    return [k for _, k in sorted(indexed)]
+
+
+def cuda_rng_tensors(prefix: str = "extra.rng.cuda.") -> dict[str, Tensor]:
+    """Every CUDA device's RNG state as ``<prefix><index>`` (empty without CUDA)."""
+    if not torch.cuda.is_available():
+        return {}
+    return {f"{prefix}{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+
+
+def restore_cuda_rng(tensors: dict[str, Tensor], prefix: str = "extra.rng.cuda.") -> bool:
+    """Set every CUDA device's RNG state from ``<prefix><index>`` tensors, by device index; False
+    (nothing set) without CUDA or when the count does not match this machine's devices."""
+    keys = cuda_rng_keys(set(tensors), prefix)
+    if not keys or not torch.cuda.is_available() or len(keys) != torch.cuda.device_count():
+        return False
+    torch.cuda.set_rng_state_all([tensors[k].to(torch.uint8) for k in keys])
+    return True
+
+
 def shard_rows(t: Tensor, d: Dist) -> Tensor:
     """This rank's share of a global batch: contiguous chunks whose sizes differ by at most one."""
     if not d.active:
@@ -232,11 +317,16 @@ def shard_rows(t: Tensor, d: Dist) -> Tensor:
     return t.tensor_split(d.world_size)[d.rank]
 
 
-def unwrap(net: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP wrapper (a compiled module stays compiled)."""
+def unwrap(net: torch.nn.Module, *, compiled: bool = True) -> torch.nn.Module:
+    """The module inside a DDP wrapper; a compiled module stays compiled unless ``compiled=False``
+    (then the module whose weights these are)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return net.module if isinstance(net, DistributedDataParallel) else net
+    if isinstance(net, DistributedDataParallel):
+        net = net.module
+    if not compiled:
+        net = getattr(net, "_orig_mod", net)
+    return net
 
 
 def wrap(net: torch.nn.Module, d: Dist) -> torch.nn.Module:
@@ -268,16 +358,111 @@ def broadcast_buffers(module: torch.nn.Module, d: Dist, src: int = 0) -> None:
                 offset += n
 
 
-def state_digest(module: torch.nn.Module) -> str:
-    """SHA-256 (16 hex digits) of a module's state dict: equal digests mean identical weights."""
+def _tensor_digest(t: Tensor) -> str:
     h = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
-        h.update(key.encode())
-        h.update(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    t = t.detach().to("cpu").contiguous()
+    h.update(str(tuple(t.shape)).encode())
+    h.update(str(t.dtype).encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_digest(module: torch.nn.Module) -> str:
+    """SHA-256 (hex) of a module's state dict: names, shapes, dtypes and values. Equal digests mean
+    identical weights and buffers; the evaluator's resume state and ``ddp.json`` both use it."""
+    h = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(_tensor_digest(value).encode())
+    return h.hexdigest()
 
 
 def state_digests(module: torch.nn.Module, d: Dist) -> list[str]:
-    """:func:`state_digest` of every rank's ``module``, indexed by rank (all equal when in sync)."""
-    mine = torch.tensor(list(bytes.fromhex(state_digest(module))), dtype=torch.uint8)
+    """:func:`model_digest` of every rank's ``module``, indexed by rank (all equal when in sync)."""
+    mine = torch.tensor(list(bytes.fromhex(model_digest(module))), dtype=torch.uint8)
     return [bytes(t.tolist()).hex() for t in all_gather_tensor(mine, d)]
+
+
+# -- evaluation sharding -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place among ``world`` evaluation processes."""
+
+    rank: int = 0
+    world: int = 1
+
+    def owns(self, batch: int) -> bool:
+        """Whether batch number ``batch`` is this process's to evaluate."""
+        return batch % self.world == self.rank
+
+    @property
+    def active(self) -> bool:
+        """More than one process."""
+        return self.world > 1
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` as set by torchrun (1 when absent)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def local_device(device: torch.device) -> torch.device:
+    """Under torchrun with CUDA, each process takes ``cuda:LOCAL_RANK``."""
+    if device.type == "cuda" and device.index is None and env_world_size() > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def init_from_env(device: torch.device) -> Shard:
+    """Join the process group torchrun describes (if ``WORLD_SIZE > 1``); returns this shard."""
+    if env_world_size() <= 1:
+        return Shard()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return current()
+
+
+def current() -> Shard:
+    """The shard of this process in an initialised process group, else the whole."""
+    if dist.is_available() and dist.is_initialized():
+        return Shard(dist.get_rank(), dist.get_world_size())
+    return Shard()
+
+
+def _reduce_device(device: torch.device) -> torch.device:
+    if dist.get_backend() == "nccl":
+        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_sum(values: Tensor) -> Tensor:
+    """Element-wise sum over ranks (identity in one process); returns a tensor on the input's device."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    buf = values.to(_reduce_device(values.device), torch.float64 if values.is_floating_point() else torch.int64)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.to(values.device, values.dtype)
+
+
+def all_max(values: Tensor) -> Tensor:
+    """Element-wise maximum over ranks (identity in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    buf = values.to(_reduce_device(values.device), torch.float64)
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return buf.to(values.device, values.dtype)
+
+
+def finish() -> None:
+    """Leave the process group (if this module's caller joined one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

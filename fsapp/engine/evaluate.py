@@ -159,7 +159,7 @@ def evaluate(
     the state file). ``checks`` runs the model checks on the clean data; ``fingerprint`` adds items
     a resumed state must match.
     """
-    from fsapp.engine import evalshard
+    from fsapp.engine import distributed as ddp
 
     start = time.perf_counter()
     if batch_size < 1:
@@ -181,7 +181,7 @@ def evaluate(
     if dupes:
         raise UsageError(f"attack {dupes[0]!r} is listed twice")
     report_to = _progress_channel(on_batch, on_progress)
-    sh = evalshard.current() if shard else evalshard.Shard()
+    sh = ddp.current() if shard else ddp.Shard()
     modules = [model] + ([source] if source is not None else [])
     modes = [(m, m.training) for mod in modules for m in mod.modules()]
     for mod in modules:
@@ -356,10 +356,10 @@ def _attack_pass(job: _Pass, plan: _Plan, clean: Tensor, primary: ThreatModel | 
 
 def _sum_over_ranks(clean: Tensor, runs: list[AttackRun], counts: Tensor) -> tuple[Tensor, Tensor]:
     """Totals over the ranks of a sharded evaluation: masks OR-ed, counts summed, seconds maxed."""
-    from fsapp.engine import evalshard
+    from fsapp.engine import distributed as ddp
 
     masks = [clean] + [r.robust for r in runs] + [m for r in runs for m in r.stages.values()]
-    summed = evalshard.all_sum(torch.stack(masks).to(torch.int64)) > 0
+    summed = ddp.all_sum(torch.stack(masks).to(torch.int64)) > 0
     clean = summed[0]
     for i, r in enumerate(runs):
         r.robust = summed[1 + i]
@@ -369,11 +369,11 @@ def _sum_over_ranks(clean: Tensor, runs: list[AttackRun], counts: Tensor) -> tup
             r.stages[name] = summed[k]
             k += 1
     per_run = [r.invalid for r in runs] + [r.no_gradient for r in runs] + [r.non_finite for r in runs]
-    scalars = evalshard.all_sum(torch.tensor(per_run + counts.tolist(), dtype=torch.long))
+    scalars = ddp.all_sum(torch.tensor(per_run + counts.tolist(), dtype=torch.long))
     m = len(runs)
     for i, r in enumerate(runs):
         r.invalid, r.no_gradient, r.non_finite = int(scalars[i]), int(scalars[m + i]), int(scalars[2 * m + i])
-    secs = evalshard.all_max(torch.tensor([r.seconds for r in runs] + [0.0], dtype=torch.float64))
+    secs = ddp.all_max(torch.tensor([r.seconds for r in runs] + [0.0], dtype=torch.float64))
     for i, r in enumerate(runs):
         r.seconds = float(secs[i])
     return clean, scalars[3 * m:]

@@ -1,4 +1,5 @@
-"""The evaluation section of ``fsapp bench``: fsapp's PGD against torchattacks' PGD, and AutoAttack.
+"""Evaluation figures of ``fsapp bench``: fsapp's PGD against torchattacks' PGD, AutoAttack, and the
+throughput of one attack on a synthetic batch (:func:`time_attack`, used by ``benchmarks/gpu_bench.py``).
 
 Everything runs on the same model and the same data: a small CNN trained for a few seconds on
 the embedded digits (so robust accuracy is neither 0 nor 100%). Two figures per PGD:
@@ -18,23 +19,16 @@ random start its robust accuracy can never be above torchattacks'. Then the stan
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any
 
 import torch
 
+from fsapp.bench.timing import measure, seconds
+from fsapp.bench.train import Variant, build_model, synthetic_batch
+
 EPS = 0.1
 STEP = 0.025
 STEPS = 20
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _clock(device: torch.device) -> float:
-    return time.perf_counter() if device.type == "cuda" else time.process_time()
 
 
 def bench_model(device: torch.device, epochs: int = 4, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor,
@@ -70,8 +64,8 @@ def bench_model(device: torch.device, epochs: int = 4, seed: int = 0) -> tuple[t
 def eval_bench(device: str = "auto", repeats: int = 3, autoattack_n: int = 100, progress: Any = None,
                autoattack: bool = True) -> dict[str, Any]:
     """Images per second and robust accuracy of fsapp's PGD, torchattacks' PGD and ``autoattack``."""
+    from fsapp.engine.distributed import pick_device
     from fsapp.engine.evaluate import evaluate
-    from fsapp.engine.train import pick_device
     from fsapp.plugins import get_registry
 
     dev = pick_device(device)
@@ -116,13 +110,11 @@ def eval_bench(device: str = "auto", repeats: int = 3, autoattack_n: int = 100, 
     for rep in range(repeats + 1):
         for name, fn in cases.items():
             torch.manual_seed(1000 + rep)  # the same random start for both raw attacks
-            _sync(dev)
-            t0 = _clock(dev)
-            acc = fn()
-            _sync(dev)
+            result: list[float] = []
+            sec = seconds(lambda fn=fn, result=result: result.append(fn()), dev)
             if rep > 0:
-                times[name].append(_clock(dev) - t0)
-                accs[name].append(acc)
+                times[name].append(sec)
+                accs[name].append(result[0])
     pgd: dict[str, Any] = {}
     for name in cases:
         sec = statistics.median(times[name])
@@ -140,11 +132,10 @@ def eval_bench(device: str = "auto", repeats: int = 3, autoattack_n: int = 100, 
     if autoattack:
         k = min(autoattack_n, n)
         say(f"timing the standard AutoAttack on {k} images ...")
-        _sync(dev)
-        t0 = _clock(dev)
-        r = evaluate(model, x[:k], y[:k], ["autoattack"], batch_size=k, defaults={"eps": EPS}, seed=0, checks=False)
-        _sync(dev)
-        sec = _clock(dev) - t0
+        runs: list[Any] = []
+        sec = seconds(lambda: runs.append(evaluate(model, x[:k], y[:k], ["autoattack"], batch_size=k,
+                                                   defaults={"eps": EPS}, seed=0, checks=False)), dev)
+        r = runs[0]
         same = evaluate(model, x[:k], y[:k], [f"pgd:steps={STEPS}"], batch_size=k,
                         defaults={"eps": EPS, "step_size": STEP}, seed=0, checks=False)
         out["autoattack"] = {"n": k, "seconds": sec, "images_per_sec": k / sec,
@@ -152,3 +143,35 @@ def eval_bench(device: str = "auto", repeats: int = 3, autoattack_n: int = 100, 
                              "stages": r.stage_accuracy(r.attacks[0]),
                              "pgd_robust_accuracy_same_images": same.accuracy[f"pgd:steps={STEPS}"]}
     return out
+
+
+def time_attack(
+    model_spec: str, attack: str = "pgd:steps=20,eps=8/255,step_size=2/255", batch_size: int = 500,
+    repeats: int = 3, device: torch.device | None = None, shape: tuple[int, int, int] = (3, 32, 32),
+    num_classes: int = 10, variant: Variant = Variant(),
+) -> dict[str, Any]:
+    """Evaluation throughput: images/s of crafting ``attack`` (eval mode) and classifying the result."""
+    from fsapp.engine.step import autocast
+    from fsapp.plugins import get_registry
+
+    device = device or torch.device("cpu")
+    torch.manual_seed(0)
+    model, net = build_model(model_spec, device, variant, shape, num_classes)
+    model.eval()
+    attacker = get_registry().create("attack", attack)
+    x, y = synthetic_batch(batch_size, shape, num_classes, device, variant.channels_last)
+
+    def once() -> None:
+        with autocast(device, variant.precision):
+            x_adv = attacker(net, x, y)
+            with torch.no_grad():
+                net(x_adv).argmax(1)
+
+    times = []
+    for rep in range(repeats + 1):
+        wall, _ = measure(once, device)
+        if rep:
+            times.append(wall)
+    med = statistics.median(times)
+    return {"attack": attack, "variant": variant.label, "batch_size": batch_size, "seconds_per_batch": med,
+            "images_per_s": batch_size / med}
