@@ -75,7 +75,7 @@ class EvaluateScreen(Screen[None]):
             yield Field("model file", Input(self.model, placeholder="runs/<name>/model.safetensors",
                                             suggester=SuggestFromList(models), compact=True, id="model"))
             yield Field("suites", Input("", compact=True, id="suites",
-                                        placeholder="suite names, e.g. paper autoattack (" + ", ".join(suite_names()) + ")"))
+                                        placeholder="suite names: " + ", ".join(suite_names())))
             yield Field("attacks", Input("pgd:steps=20 cw:steps=20", compact=True, id="attacks",
                                          placeholder="attack specs separated by spaces (empty: pgd-20, cw-20)"))
             yield Field("sweep", Input("", compact=True, id="sweep",
