@@ -587,3 +587,42 @@ def test_keyboard_help_palette_and_themes(tmp_path):
         assert app.screen is home
 
     run_app(tmp_path / "runs", script, size=(80, 24))
+
+
+def test_names_paths_and_errors_are_never_markup(tmp_path):
+    """A run named like markup shows as typed in the list, the dashboard, compare and the question."""
+    runs = tmp_path / "runs"
+    odd = fake_run(runs, "[b]odd[i] [red", day=5)
+    plain = fake_run(runs, "plain", day=4)
+
+    async def script(app, pilot):
+        from fsapp.tui.screens.compare import CompareScreen
+        from fsapp.tui.screens.confirm import ConfirmScreen
+        from fsapp.tui.screens.dashboard import DashboardScreen
+
+        await pilot.pause()
+        table = app.screen.query_one("#runs")
+        assert table.get_row_at(0)[0].plain == "  [b]odd[i] [red"
+        await pilot.press("space", "down", "space", "c")
+        await wait_for(pilot, lambda: isinstance(app.screen, CompareScreen), "compare")
+        labels = [c.label.plain for c in app.screen.query_one("#summary").columns.values()]
+        assert "[b]odd[i] [red" in labels and "plain" in labels
+        await pilot.press("escape", "up", "enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), "the dashboard")
+        assert str(app.screen.query_one("#title").render()).startswith("[b]odd[i] [red · ")
+        app.push_screen(ConfirmScreen("Stop [b]odd[i] [red?"))
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen) and app.screen.query("#question"),
+                       "the question")
+        assert str(app.screen.query_one("#question").render()) == "Stop [b]odd[i] [red?"
+
+    run_app(runs, script)
+    assert odd.is_dir() and plain.is_dir()
+
+
+def test_tui_refuses_a_file_as_runs_dir(tmp_path):
+    runs = tmp_path / "runs.txt"
+    runs.write_text("not a folder")
+    done = subprocess.run([sys.executable, "-m", "fsapp", "tui", "--runs-dir", str(runs)], capture_output=True,
+                          text=True, env=os.environ | {"NO_COLOR": "1"}, timeout=60)
+    assert done.returncode == 2 and done.stderr == f"error: --runs-dir {runs} is a file; give a folder " \
+                                                   "(it is created when the first run starts)\n"
