@@ -173,3 +173,32 @@ def test_a_killed_run_leaves_the_app_alive_and_resumes_from_the_tui(tmp_path):
     state = load_state(runs / "killed")
     assert state.finished is not None and not state.finished.stopped and state.epochs_done == 30
     assert (runs / "killed" / "model.safetensors").is_file()
+
+
+def test_jobs_report_failures_in_one_line_and_refuse_taken_run_directories(tmp_path):
+    from fsapp.app.jobs import EvalRequest
+    from fsapp.config import load
+    from fsapp.errors import UsageError
+
+    jobs = one_thread_jobs()
+    try:
+        job = jobs.start_eval(EvalRequest(model=tmp_path / "none.safetensors", n=4, device="cpu"))
+        assert job.command.startswith(f"fsapp eval {tmp_path / 'none.safetensors'} --n 4 ")
+        assert job.wait(60) == 2 and job.status == "failed"
+        assert "none.safetensors" in job.error and "\n" not in job.error and not job.error.startswith("error:")
+        assert [j.id for j in jobs.poll()] == [job.id] and jobs.poll() == []
+        other = jobs.start_eval(EvalRequest(model=tmp_path / "none.safetensors", n=4, device="cpu"))
+        assert other.report != job.report and other.report.parent == tmp_path / "eval"
+        other.wait(60)
+        taken = tmp_path / "runs" / "taken"
+        taken.mkdir(parents=True)
+        (taken / "config.toml").write_text("")
+        with pytest.raises(UsageError, match="already holds a run"):
+            jobs.start_train(load("demo", [f"run.runs_dir={tmp_path / 'runs'}", "run.name=taken"]))
+        with pytest.raises(UsageError, match="no checkpoint to resume from"):
+            jobs.resume_train(taken)
+        folder = jobs.folder
+        assert (folder / f"{job.id}.stderr").is_file()
+    finally:
+        jobs.close()
+    assert not folder.exists()

@@ -290,6 +290,7 @@ def test_new_run_form_checks_as_you_type(tmp_path):
     run_app(tmp_path / "runs", script)
 
 
+@pytest.mark.slow
 def test_train_from_the_form_pause_stop_resume_and_compare(tmp_path):
     """The whole loop on a real (tiny) run in an ``fsapp train`` process; the UI keeps up."""
     runs = tmp_path / "runs"

@@ -91,7 +91,7 @@ def test_dashboard_screen(snap_compare, runs, size):
     from fsapp.tui.screens.dashboard import DashboardScreen
 
     assert snap_compare(FsappApp(runs), terminal_size=size,
-                        run_before=showing(lambda: DashboardScreen(runs / "fs-digits", Jobs(Path(".")))))
+                        run_before=showing(lambda: DashboardScreen(runs / "fs-digits", Jobs())))
 
 
 def test_dashboard_screen_light(snap_compare, runs):
@@ -99,7 +99,7 @@ def test_dashboard_screen_light(snap_compare, runs):
     from fsapp.tui.screens.dashboard import DashboardScreen
 
     assert snap_compare(FsappApp(runs), terminal_size=(120, 40),
-                        run_before=showing(lambda: DashboardScreen(runs / "fs-digits", Jobs(Path("."))), theme="textual-light"))
+                        run_before=showing(lambda: DashboardScreen(runs / "fs-digits", Jobs()), theme="textual-light"))
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -117,7 +117,7 @@ def test_compare_screen(snap_compare, runs, size):
     from fsapp.tui.screens.compare import CompareScreen
 
     assert snap_compare(FsappApp(runs), terminal_size=size,
-                        run_before=showing(lambda: CompareScreen([runs / "fs-digits", runs / "madry-digits"], Jobs(Path(".")))))
+                        run_before=showing(lambda: CompareScreen([runs / "fs-digits", runs / "madry-digits"], Jobs())))
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -202,12 +202,19 @@ class Jobs:
     def __init__(self, folder: Path | None = None, env: dict[str, str] | None = None,
                  python: str = sys.executable) -> None:
         self._own_folder = folder is None
-        self.folder = Path(tempfile.mkdtemp(prefix="fsapp-jobs-")) if folder is None else Path(folder)
+        self._folder = None if folder is None else Path(folder)
         self.env = dict(env or {})
         self.python = python
         self.jobs: list[Job] = []
         self._ids = itertools.count(1)
         self._ended: set[str] = set()
+
+    @property
+    def folder(self) -> Path:
+        """Where the job files go (a temporary folder made on the first launch, unless given)."""
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="fsapp-jobs-"))
+        return self._folder
 
     # -- launching ---------------------------------------------------------------------------
     def _launch(self, kind: str, args: list[str], **info: object) -> Job:
@@ -335,5 +342,6 @@ class Jobs:
 
     def close(self) -> None:
         """Delete the job files once no job runs (a running job keeps writing its stderr there)."""
-        if self._own_folder and not self.active():
-            shutil.rmtree(self.folder, ignore_errors=True)
+        if self._own_folder and self._folder is not None and not self.active():
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
