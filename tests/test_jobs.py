@@ -162,6 +162,9 @@ def test_a_killed_run_leaves_the_app_alive_and_resumes_from_the_tui(tmp_path):
         await wait_for(pilot, lambda: "● killed · " in str(dash.query_one("#title").render()), "the kill shown")
         assert "killed by SIGKILL" in str(dash.query_one("#title").render())
         assert app.is_running and job.status == "killed"
+        home.refresh_runs()
+        row = next(r for r in home.rows if r.path == path)
+        assert row.status == "failed"  # the list says so too (its files alone say interrupted)
         await pilot.press("r")  # resume from the dashboard
         await wait_for(pilot, lambda: app.jobs.active_for(path) is not None, "the resumed job")
         resumed = app.jobs.active_for(path)
