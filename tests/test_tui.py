@@ -1,11 +1,14 @@
 """The Textual interface: run directories as data, the New-run form, and pilot-driven sessions that
-train for real (start from the form, watch epochs and robustness arrive, stop, resume, compare)."""
+train for real in ``fsapp train`` processes (start from the form, watch epochs and robustness
+arrive, pause, stop, resume, compare) and evaluate in ``fsapp eval`` processes."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,9 +16,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from fsapp.app.jobs import EvalRequest, Jobs
 from fsapp.config import load, to_toml
 from fsapp.engine import events as ev
-from fsapp.engine.rundir import Follower, RunIndex, RunState, config_diff, load_state
+from fsapp.engine.rundir import (
+    CONTROL_DIR,
+    Follower,
+    RunIndex,
+    RunState,
+    config_diff,
+    load_state,
+    send_request,
+)
 from fsapp.errors import UsageError
 from fsapp.tui import form
 
@@ -179,13 +191,15 @@ def test_form_overrides_validate_with_the_cli_messages(tmp_path):
     assert form.to_text(8 / 255) == "8/255" and form.to_text(0.2) == "0.2"
 
 
-def test_evaluate_words_expand_suites_like_the_cli():
-    from fsapp.tui.evaljob import DEFAULT_ATTACKS, expand_specs, suites
-
-    assert expand_specs([]) == list(DEFAULT_ATTACKS)
-    assert expand_specs(["fgsm", "fgsm", "pgd:steps=2"]) == ["fgsm", "pgd:steps=2"]
-    for name, specs in suites().items():
-        assert expand_specs([name]) == list(dict.fromkeys(specs))
+def test_evaluate_requests_are_the_cli_command_line(tmp_path):
+    request = EvalRequest(model=Path("runs/a b/model.safetensors"), suites=["paper"], attacks=["pgd:steps=2"],
+                          sweeps=["eps=0:16/255:3"], source=Path("src.safetensors"), n=24, seed=5, batch_size=8,
+                          eps="8/255", device="cpu")
+    assert request.args() == ["eval", "runs/a b/model.safetensors", "--suite", "paper", "--attack", "pgd:steps=2",
+                              "--sweep", "eps=0:16/255:3", "--source", "src.safetensors", "--n", "24", "--seed", "5",
+                              "--batch-size", "8", "--eps", "8/255", "--device", "cpu"]
+    assert EvalRequest(model=Path("m.safetensors")).args() == [
+        "eval", "m.safetensors", "--n", "1000", "--seed", "0", "--batch-size", "250"]
 
 
 # -- pilot sessions ---------------------------------------------------------------------------
@@ -200,11 +214,21 @@ async def wait_for(pilot, cond: Callable[[], object], what: str, timeout: float 
 
 
 async def stop_everything(app) -> None:
-    for live in app.live.values():
-        live.control.stop.set()
-    for live in app.live.values():
-        if live.worker is not None:
-            await live.worker.wait()
+    """Stop whatever the session left running (training through the control channel) and wait."""
+    deadline = time.monotonic() + 90
+    while app.jobs.active() and time.monotonic() < deadline:
+        for job in app.jobs.active():
+            if not job.stop_requested:
+                app.jobs.request_stop(job)
+        await asyncio.sleep(0.1)
+    for job in app.jobs.active():
+        job.proc.kill()
+        job.wait(10)
+
+
+def one_thread_jobs(**env: str) -> Jobs:
+    """Jobs whose processes use one thread each (the test machine is small and shared)."""
+    return Jobs(env={"OMP_NUM_THREADS": "1", **env})
 
 
 def run_app(runs_dir: Path, script, size: tuple[int, int] = (120, 40)) -> None:
@@ -212,19 +236,20 @@ def run_app(runs_dir: Path, script, size: tuple[int, int] = (120, 40)) -> None:
     from fsapp.tui.app import FsappApp
 
     async def main() -> None:
-        app = FsappApp(runs_dir, poll_interval=0.1)
+        app = FsappApp(runs_dir, poll_interval=0.1, jobs=one_thread_jobs())
         async with app.run_test(size=size) as pilot:
             try:
                 await script(app, pilot)
             finally:
                 await stop_everything(app)
+                app.jobs.close()
 
     asyncio.run(main())
 
 
 def test_new_run_form_checks_as_you_type(tmp_path):
     async def script(app, pilot):
-        from fsapp.tui.newrun import NewRunScreen
+        from fsapp.tui.screens.newrun import NewRunScreen
 
         await pilot.press("n")
         await wait_for(pilot, lambda: isinstance(app.screen, NewRunScreen), "the form")
@@ -265,16 +290,17 @@ def test_new_run_form_checks_as_you_type(tmp_path):
     run_app(tmp_path / "runs", script)
 
 
-def test_train_from_the_form_stop_resume_and_compare(tmp_path):
-    """The whole loop on a real (tiny) run: the engine trains in a worker, the UI keeps up."""
+@pytest.mark.slow
+def test_train_from_the_form_pause_stop_resume_and_compare(tmp_path):
+    """The whole loop on a real (tiny) run in an ``fsapp train`` process; the UI keeps up."""
     runs = tmp_path / "runs"
     other = fake_run(runs, "earlier-run", day=1)
 
     async def script(app, pilot):
-        from fsapp.tui.compare import CompareScreen
-        from fsapp.tui.dashboard import DashboardScreen
-        from fsapp.tui.home import HomeScreen
-        from fsapp.tui.newrun import NewRunScreen
+        from fsapp.tui.screens.compare import CompareScreen
+        from fsapp.tui.screens.dashboard import DashboardScreen
+        from fsapp.tui.screens.newrun import NewRunScreen
+        from fsapp.tui.screens.runs import RunsScreen
 
         await pilot.press("n")
         await wait_for(pilot, lambda: isinstance(app.screen, NewRunScreen), "the form")
@@ -290,27 +316,30 @@ def test_train_from_the_form_stop_resume_and_compare(tmp_path):
         await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), "the dashboard")
         dash = app.screen
         path = runs / "tui-run"
-        assert dash.path == path and app.live[path].active
+        job = app.jobs.active_for(path)
+        assert dash.path == path and job is not None and job.command.startswith("fsapp train ")
+        assert job.args[-3:] == ["--run-dir", str(path), "-q"]
         table = dash.query_one("#robust")
         await wait_for(pilot, lambda: len(dash.state.epochs) >= 2 and table.row_count >= 2,
                        "two epochs and two robustness rows")
         assert [c.label.plain for c in table.columns.values()][:5] == [
             "epoch", "clean", "pgd:steps=2", "cw:steps=2", "worst case"]
         assert dash.state.started.device == "cpu" and "img/s" in str(dash.query_one("#rate").render())
-        # pause holds the run between steps; stop saves a checkpoint
+        # pause holds the run between steps (the run's own log says so); stop saves a checkpoint
         await pilot.press("p")
-        await wait_for(pilot, lambda: app.live[path].paused, "pause")
+        await wait_for(pilot, lambda: dash.state.paused and dash.status() == "paused", "the pause")
+        assert "paused" in str(dash.query_one("#title").render())
         await pilot.press("s")
-        await wait_for(pilot, lambda: not app.live[path].active, "the stop")
-        assert app.live[path].phase == "done"
+        await wait_for(pilot, lambda: not job.running, "the stop")
+        assert job.status == "finished" and job.stop_requested
         await wait_for(pilot, lambda: dash.state.finished is not None, "Finished in metrics.jsonl")
         assert dash.state.finished.stopped and (path / "checkpoint.safetensors").is_file()
         stopped_at = dash.state.checkpoint.global_step
-        assert "interrupted" in str(dash.query_one("#title").render())
+        await wait_for(pilot, lambda: "interrupted" in str(dash.query_one("#title").render()), "interrupted")
         # back home: the run is interrupted; resume it with r
         await pilot.press("escape")
         home = app.screen
-        assert isinstance(home, HomeScreen)
+        assert isinstance(home, RunsScreen)
         home.refresh_runs()
         row = next(r for r in home.rows if r.path == path)
         assert row.status == "interrupted" and row.resumable
@@ -318,6 +347,8 @@ def test_train_from_the_form_stop_resume_and_compare(tmp_path):
         await pilot.press("r")
         await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), "the resumed dashboard")
         dash = app.screen
+        resumed = app.jobs.active_for(path)
+        assert resumed is not None and resumed.args == ["train", "--resume", str(path), "-q"]
         await wait_for(pilot, lambda: dash.state.started is not None and dash.state.started.resumed
                        and dash.state.last_step is not None
                        and dash.state.last_step.global_step > stopped_at + 2, "steps after the resume")
@@ -325,10 +356,14 @@ def test_train_from_the_form_stop_resume_and_compare(tmp_path):
         await pilot.press("c")  # checkpoint now
         await wait_for(pilot, lambda: dash.state.checkpoint.global_step > stopped_at, "a new checkpoint")
         await pilot.press("s")
-        await wait_for(pilot, lambda: not app.live[path].active, "the second stop")
-        # compare it with another run
+        await wait_for(pilot, lambda: not resumed.running, "the second stop")
+        # compare it with another run: mark both with space
         await pilot.press("escape")
-        app.marked = {path, other}
+        home.refresh_runs()
+        for i in range(2):
+            home.query_one("#runs").move_cursor(row=i)
+            await pilot.press("space")
+        assert app.marked == {path, other}
         await pilot.press("c")
         await wait_for(pilot, lambda: isinstance(app.screen, CompareScreen), "compare")
         summary = app.screen.query_one("#summary")
@@ -346,22 +381,27 @@ def test_quitting_mid_run_asks_then_leaves_a_checkpoint(tmp_path):
     runs = tmp_path / "runs"
 
     async def script(app, pilot):
-        from fsapp.tui.confirm import ConfirmScreen
+        from fsapp.tui.screens.confirm import ConfirmScreen
 
         values = form.initial_values("demo") | TINY | {"epochs": "200", "name": "quitter"}
-        path = app.start_run(form.validate("demo", form.overrides(values, [], "run.log_every=1", runs_dir=runs)))
+        job = app.jobs.start_train(form.validate("demo", form.overrides(values, [], "run.log_every=1",
+                                                                         runs_dir=runs)))
+        path = job.run_dir
         await wait_for(pilot, lambda: (path / "metrics.jsonl").is_file()
                        and "StepEnd" in (path / "metrics.jsonl").read_text(), "the first steps")
-        app.live[path].control.pause.set()  # quitting works on a paused run too
+        send_request(path, "pause")  # quitting works on a paused run too
+        await wait_for(pilot, lambda: load_state(path).paused, "the pause")
         await pilot.press("q")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the question")
+        assert "quitter" in str(app.screen.query_one("#question").render())
         await pilot.press("n")
         await pilot.pause()
-        assert app.live[path].active and not app.live[path].control.stop.is_set()
+        assert job.running and not job.stop_requested
         await pilot.press("q")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the question again")
         await pilot.press("y")
         await wait_for(pilot, lambda: not app.is_running, "the exit", timeout=60)
+        assert not job.running and job.returncode == 0
 
     run_app(runs, script)
     last = json.loads((runs / "quitter" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -373,18 +413,19 @@ def test_a_failing_run_is_one_line_and_the_ui_lives_on(tmp_path):
     runs = tmp_path / "runs"
 
     async def script(app, pilot):
-        from fsapp.tui.dashboard import DashboardScreen
+        from fsapp.tui.messages import StartRun
+        from fsapp.tui.screens.dashboard import DashboardScreen
 
         cfg = load("demo", ["data.name=cifar10", f"data.root={tmp_path / 'none'}", f"run.runs_dir={runs}",
                             "run.name=nodata"])
-        path = app.start_run(cfg)
-        app.open_run(path)
-        await wait_for(pilot, lambda: app.live[path].phase == "failed", "the failure")
-        assert "CIFAR-10 not found" in app.live[path].error
+        app.post_message(StartRun(cfg))
         await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), "the dashboard")
-        await pilot.pause(0.3)
-        title = str(app.screen.query_one("#title").render())
-        assert "failed" in title and "CIFAR-10 not found" in title
+        dash = app.screen
+        job = app.jobs.latest_for(runs / "nodata")
+        await wait_for(pilot, lambda: job is not None and not job.running, "the failure")
+        assert job.status == "failed" and "CIFAR-10 not found" in job.error and "\n" not in job.error
+        await wait_for(pilot, lambda: "CIFAR-10 not found" in str(dash.query_one("#title").render()), "the title")
+        assert "failed" in str(dash.query_one("#title").render())
         await pilot.press("escape", "l")  # still responsive
         await wait_for(pilot, lambda: type(app.screen).__name__ == "PluginsScreen", "plugins")
 
@@ -400,7 +441,7 @@ def test_dashboard_follows_a_run_written_by_another_process(tmp_path):
                                                                  .splitlines()):]
 
     async def script(app, pilot):
-        from fsapp.tui.dashboard import DashboardScreen
+        from fsapp.tui.screens.dashboard import DashboardScreen
 
         await pilot.pause()
         assert app.screen.rows[0].status == "running"
@@ -408,8 +449,9 @@ def test_dashboard_follows_a_run_written_by_another_process(tmp_path):
         await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), "the dashboard")
         dash = app.screen
         assert dash.query_one("#robust").row_count == 1
-        await pilot.press("s")  # not ours to stop
-        assert app.live == {}
+        await pilot.press("s")  # no process holds its lock: nothing to send the request to
+        await pilot.pause()
+        assert app.jobs.jobs == [] and not (path / CONTROL_DIR).exists()
         with open(path / "metrics.jsonl", "a") as fh:
             fh.write("\n".join(extra[:7]) + "\n" + extra[7][:20])  # epoch 2 and half a line
         await wait_for(pilot, lambda: dash.query_one("#robust").row_count == 2, "epoch 2's row")
@@ -432,34 +474,61 @@ def _tiny_model_file(path: Path) -> Path:
     return save_model(path, model, meta)
 
 
-def test_evaluate_screen_fills_in_per_attack_and_sweeps(tmp_path):
+def comparable(report: dict) -> dict:
+    """A report without what differs between two runs of the same evaluation (times, file names)."""
+    if isinstance(report, dict):
+        return {k: comparable(v) for k, v in report.items() if k not in ("created", "seconds", "timings", "png")}
+    if isinstance(report, list):
+        return [comparable(v) for v in report]
+    return report
+
+
+def test_evaluate_screen_runs_fsapp_eval_and_writes_the_cli_report(tmp_path):
     model = _tiny_model_file(tmp_path / "m" / "model.safetensors")
 
     async def script(app, pilot):
-        from fsapp.tui.evalscreen import EvaluateScreen
+        from fsapp.tui.screens.evaluate import EvaluateScreen
 
         await pilot.press("e")
         await wait_for(pilot, lambda: isinstance(app.screen, EvaluateScreen), "evaluate")
         screen = app.screen
         for wid, text in (("model", str(model)), ("attacks", "fgsm pgd:steps=2"), ("n", "24"),
-                          ("eps", "0.1 0.3"), ("device", "cpu")):
+                          ("sweep", "eps=0:0.3:3"), ("device", "cpu")):
             screen.query_one(f"#{wid}").value = text
+        await pilot.pause()
+        assert str(screen.query_one("#eval-command").render()) == (
+            f"$ fsapp eval {model} --attack fgsm --attack pgd:steps=2 --sweep eps=0:0.3:3 --n 24 --seed 0 "
+            "--batch-size 250 --device cpu")
         await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: screen.job is not None, "the job")
+        await wait_for(pilot, lambda: screen.query_one("#eval-table").row_count >= 3, "rows from progress events")
         await wait_for(pilot, lambda: not screen.busy, "the evaluation")
+        assert screen.report is not None, str(screen.query_one("#eval-status").render())
         table = screen.query_one("#eval-table")
-        assert table.row_count == 8  # two eps x (clean, fgsm, pgd, worst case)
-        assert table.get_cell("0.1|pgd:steps=2", "progress") == "24/24"
-        assert table.get_cell("0.3|worst", "accuracy").plain.endswith("%")
+        assert table.row_count == 4 + 3 * 3  # clean, fgsm, pgd, worst case; 3 eps x (fgsm, pgd, worst case)
+        assert table.get_cell("pgd:steps=2", "progress") == "24/24"
+        assert table.get_cell("worst", "accuracy").plain.endswith("%")
         assert screen.query_one("#sweep-plot").display
-        reports = sorted((model.parent / "eval").glob("*.json"))
-        assert len(reports) == 2
-        data = json.loads(reports[0].read_text())
-        assert data["n"] == 24 and set(data["accuracy"]) == {"clean", "fgsm", "pgd:steps=2", "worst_case"}
-        # a bad spec is one line, and the UI stays usable
+        assert str(screen.query_one("#eval-command").render()).endswith(f"--out {screen.job.report}")
+        ours = json.loads(screen.job.report.read_text())
+        assert len(ours["sweeps"]) == 1 and ours["sweeps"][0]["values"] == [0.0, 0.15, 0.3]
+        # the CLI, typed by hand, writes the same report
+        out = tmp_path / "cli.json"
+        done = subprocess.run([sys.executable, "-m", "fsapp", "eval", str(model), "--attack", "fgsm", "--attack",
+                               "pgd:steps=2", "--sweep", "eps=0:0.3:3", "--n", "24", "--device", "cpu", "--out",
+                               str(out)], env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True)
+        assert done.returncode == 0, done.stderr
+        assert comparable(ours) == comparable(json.loads(out.read_text()))
+        # a bad spec is one line, and the screen is ready again (no endless progress)
         screen.query_one("#attacks").value = "pgd:stepz=2"
         await pilot.press("ctrl+r")
         await wait_for(pilot, lambda: not screen.busy, "the failure")
-        assert "unknown parameter 'stepz'" in str(screen.query_one("#eval-status").render())
+        status = str(screen.query_one("#eval-status").render())
+        assert "unknown parameter 'stepz'" in status and "\n" not in status.strip()
+        assert screen.query_one("#eval-progress").total == 1
+        screen.query_one("#n").value = "many"
+        await pilot.press("ctrl+r")
+        assert "samples must be a whole number, got 'many'" in str(screen.query_one("#eval-status").render())
 
     run_app(tmp_path / "runs", script)
 
@@ -469,7 +538,7 @@ def test_plugins_screen_shows_components_and_failures(tmp_path, install_plugin, 
     fresh_registry()
 
     async def script(app, pilot):
-        from fsapp.tui.pluginscreen import PluginsScreen
+        from fsapp.tui.screens.plugins import PluginsScreen
 
         await pilot.press("l")
         await wait_for(pilot, lambda: isinstance(app.screen, PluginsScreen), "plugins")
@@ -488,9 +557,9 @@ def test_keyboard_help_palette_and_themes(tmp_path):
     fake_runs(tmp_path / "runs")
 
     async def script(app, pilot):
-        from fsapp.tui.helpscreen import HelpScreen
-        from fsapp.tui.newrun import NewRunScreen
-        from fsapp.tui.pluginscreen import PluginsScreen
+        from fsapp.tui.screens.help import HelpScreen
+        from fsapp.tui.screens.newrun import NewRunScreen
+        from fsapp.tui.screens.plugins import PluginsScreen
 
         await pilot.press("question_mark")
         await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), "help")
@@ -519,3 +588,42 @@ def test_keyboard_help_palette_and_themes(tmp_path):
         assert app.screen is home
 
     run_app(tmp_path / "runs", script, size=(80, 24))
+
+
+def test_names_paths_and_errors_are_never_markup(tmp_path):
+    """A run named like markup shows as typed in the list, the dashboard, compare and the question."""
+    runs = tmp_path / "runs"
+    odd = fake_run(runs, "[b]odd[i] [red", day=5)
+    plain = fake_run(runs, "plain", day=4)
+
+    async def script(app, pilot):
+        from fsapp.tui.screens.compare import CompareScreen
+        from fsapp.tui.screens.confirm import ConfirmScreen
+        from fsapp.tui.screens.dashboard import DashboardScreen
+
+        await pilot.pause()
+        table = app.screen.query_one("#runs")
+        assert table.get_row_at(0)[0].plain == "  [b]odd[i] [red"
+        await pilot.press("space", "down", "space", "c")
+        await wait_for(pilot, lambda: isinstance(app.screen, CompareScreen), "compare")
+        labels = [c.label.plain for c in app.screen.query_one("#summary").columns.values()]
+        assert "[b]odd[i] [red" in labels and "plain" in labels
+        await pilot.press("escape", "up", "enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), "the dashboard")
+        assert str(app.screen.query_one("#title").render()).startswith("[b]odd[i] [red · ")
+        app.push_screen(ConfirmScreen("Stop [b]odd[i] [red?"))
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen) and app.screen.query("#question"),
+                       "the question")
+        assert str(app.screen.query_one("#question").render()) == "Stop [b]odd[i] [red?"
+
+    run_app(runs, script)
+    assert odd.is_dir() and plain.is_dir()
+
+
+def test_tui_refuses_a_file_as_runs_dir(tmp_path):
+    runs = tmp_path / "runs.txt"
+    runs.write_text("not a folder")
+    done = subprocess.run([sys.executable, "-m", "fsapp", "tui", "--runs-dir", str(runs)], capture_output=True,
+                          text=True, env=os.environ | {"NO_COLOR": "1"}, timeout=60)
+    assert done.returncode == 2 and done.stderr == f"error: --runs-dir {runs} is a file; give a folder " \
+                                                   "(it is created when the first run starts)\n"

@@ -18,6 +18,7 @@ from test_tui import fake_runs
 from textual.screen import Screen
 from textual.widgets import Input
 
+from fsapp.app.jobs import Jobs
 from fsapp.tui.app import FsappApp
 
 SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40")]
@@ -78,51 +79,51 @@ def test_runs_screen(snap_compare, runs, size):
 @pytest.mark.parametrize("size", SIZES)
 def test_new_run_screen(snap_compare, runs, size):
     """The form from the demo preset, its components' parameters, and the validation line."""
-    from fsapp.tui.newrun import NewRunScreen
+    from fsapp.tui.screens.newrun import NewRunScreen
 
     assert snap_compare(FsappApp(runs), terminal_size=size,
-                        run_before=showing(NewRunScreen, "#param-solver-detach"))
+                        run_before=showing(lambda: NewRunScreen(runs), "#param-solver-detach"))
 
 
 @pytest.mark.parametrize("size", SIZES)
 def test_dashboard_screen(snap_compare, runs, size):
     """A finished Feature Scattering run: curves, robustness rows with the gap flagged."""
-    from fsapp.tui.dashboard import DashboardScreen
+    from fsapp.tui.screens.dashboard import DashboardScreen
 
     assert snap_compare(FsappApp(runs), terminal_size=size,
-                        run_before=showing(lambda: DashboardScreen(runs / "fs-digits")))
+                        run_before=showing(lambda: DashboardScreen(runs / "fs-digits", Jobs())))
 
 
 def test_dashboard_screen_light(snap_compare, runs):
     """The same in the light theme."""
-    from fsapp.tui.dashboard import DashboardScreen
+    from fsapp.tui.screens.dashboard import DashboardScreen
 
     assert snap_compare(FsappApp(runs), terminal_size=(120, 40),
-                        run_before=showing(lambda: DashboardScreen(runs / "fs-digits"), theme="textual-light"))
+                        run_before=showing(lambda: DashboardScreen(runs / "fs-digits", Jobs()), theme="textual-light"))
 
 
 @pytest.mark.parametrize("size", SIZES)
 def test_evaluate_screen(snap_compare, runs, size):
     """The Evaluate form for a run's model file."""
-    from fsapp.tui.evalscreen import EvaluateScreen
+    from fsapp.tui.screens.evaluate import EvaluateScreen
 
     assert snap_compare(FsappApp(runs), terminal_size=size,
-                        run_before=showing(lambda: EvaluateScreen(str(runs / "fs-digits" / "model.safetensors"))))
+                        run_before=showing(lambda: EvaluateScreen(runs, str(runs / "fs-digits" / "model.safetensors"))))
 
 
 @pytest.mark.parametrize("size", SIZES)
 def test_compare_screen(snap_compare, runs, size):
     """Two runs side by side: robustness, config differences, overlaid curves."""
-    from fsapp.tui.compare import CompareScreen
+    from fsapp.tui.screens.compare import CompareScreen
 
     assert snap_compare(FsappApp(runs), terminal_size=size,
-                        run_before=showing(lambda: CompareScreen([runs / "fs-digits", runs / "madry-digits"])))
+                        run_before=showing(lambda: CompareScreen([runs / "fs-digits", runs / "madry-digits"], Jobs())))
 
 
 @pytest.mark.parametrize("size", SIZES)
 def test_plugins_screen(snap_compare, runs, size):
     """Components by kind with their plugin and parameters."""
-    from fsapp.tui.pluginscreen import PluginsScreen
+    from fsapp.tui.screens.plugins import PluginsScreen
 
     assert snap_compare(FsappApp(runs), terminal_size=size, run_before=showing(PluginsScreen))
 
@@ -130,6 +131,6 @@ def test_plugins_screen(snap_compare, runs, size):
 @pytest.mark.parametrize("size", SIZES)
 def test_help_screen(snap_compare, runs, size):
     """Keys of every screen."""
-    from fsapp.tui.helpscreen import HelpScreen
+    from fsapp.tui.screens.help import HelpScreen
 
     assert snap_compare(FsappApp(runs), terminal_size=size, run_before=showing(HelpScreen))

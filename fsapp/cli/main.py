@@ -72,13 +72,20 @@ def _show_version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+NO_PLUGINS = {"ctl"}
+"""Commands that use no component, so they start without loading plugins (and torch)."""
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     strict_plugins: bool = typer.Option(False, "--strict-plugins", help="Plugin load failures are errors."),
     version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
                                  help="Print fsapp's version and exit."),
 ) -> None:
     """Feature Scattering adversarial training and honest robustness evaluation."""
+    if ctx.invoked_subcommand in NO_PLUGINS:
+        return
     if strict_plugins:
         from fsapp.plugins import reset_registry
 
@@ -363,6 +370,23 @@ def import_checkpoint(
 
     path = convert(source, fmt, out or source.with_suffix(".safetensors"), trust=trust, dataset=dataset)
     console.print(literal(f"wrote {path}; evaluate it with: fsapp eval {path} --suite autoattack"))
+
+
+# -- ctl -----------------------------------------------------------------------------------
+
+@app.command()
+@friendly
+def ctl(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="The run directory of a training in progress."),
+    action: str = typer.Argument(..., metavar="ACTION", help="pause, resume, stop, checkpoint or evaluate."),
+    wait: Optional[float] = typer.Option(None, "--wait", help="Wait up to this many seconds until the run "
+                                         "takes the request (it does at its next step)."),
+) -> None:
+    """Pause, resume, stop (with a checkpoint), checkpoint or evaluate a run that is training,
+    whichever terminal or program started it."""
+    from fsapp.cli.ctl import control
+
+    console.print(control(run_dir, action, wait), highlight=False, markup=False, soft_wrap=True)
 
 
 # -- tui -----------------------------------------------------------------------------------

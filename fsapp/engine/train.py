@@ -659,4 +659,5 @@ def _model_meta(job: Job) -> dict[str, Any]:
     return model_metadata(cfg.model.name, job.model_params, dataset=cfg.data.name,
                           method=f"{cfg.method.perturbation}+{cfg.method.loss}", plugin=job.plan.model.plugin,
                           extra={"epsilon": cfg.method.epsilon, "eval_eps": cfg.eval.eps,
-                                 "eval_step_size": cfg.eval.step_size, "run": job.run_path.name})
+                                 "eval_step_size": cfg.eval.step_size, "run": job.run_path.name,
+                                 "dataset_params": dataclasses.asdict(job.plan.dataset.params)})

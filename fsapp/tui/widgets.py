@@ -49,7 +49,7 @@ def fill_robustness(table: DataTable, results: Sequence[ev.EvalResult], steps_pe
     table.add_column("epoch", key="epoch")
     table.add_column("clean", key="clean")
     for spec in attacks:
-        table.add_column(spec, key=spec)
+        table.add_column(Text(spec), key=spec)
     table.add_column("worst case", key="worst_case")
     table.add_column("gap CE−margin", key="gap")
     table.add_column("flags", key="flags")
@@ -129,5 +129,5 @@ class Field(Horizontal):
         widget.add_class("field-widget")
 
     def compose(self) -> ComposeResult:
-        yield Label(self.label)
+        yield Label(Text(self.label))
         yield self.widget

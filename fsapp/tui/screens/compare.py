@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -13,12 +12,11 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 from textual_plotext import PlotextPlot
 
+from fsapp.app.jobs import Jobs
 from fsapp.engine.rundir import RunState, RunTracker, config_diff, run_status
 from fsapp.tui.fmt import pct, value
+from fsapp.tui.messages import JobsChanged
 from fsapp.tui.widgets import attack_columns, draw, flags_text, gap_text
-
-if TYPE_CHECKING:
-    from fsapp.tui.app import FsappApp
 
 
 def short(name: str, width: int = 24) -> str:
@@ -29,12 +27,13 @@ def short(name: str, width: int = 24) -> str:
 class CompareScreen(Screen[None]):
     """Runs side by side; follows them while they train."""
 
-    app: FsappApp
     BINDINGS = [Binding("escape", "app.pop_screen", "Back")]
 
-    def __init__(self, paths: list[Path]) -> None:
+    def __init__(self, paths: list[Path], jobs: Jobs, poll_interval: float = 0.5) -> None:
         super().__init__()
         self.trackers = [RunTracker(Path(p)) for p in paths]
+        self.jobs = jobs
+        self.poll_interval = poll_interval
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -53,15 +52,14 @@ class CompareScreen(Screen[None]):
         for t in self.trackers:
             t.poll()
         self.render_all()
-        self.set_interval(max(self.app.poll_interval * 4, 1.0), self.poll)
+        self.set_interval(max(self.poll_interval * 4, 1.0), self.poll)
 
     def poll(self) -> None:
         if any([t.poll() for t in self.trackers]):
             self.render_all()
 
-    def run_changed(self, path: Path) -> None:
-        if any(t.path == path for t in self.trackers):
-            self.poll()
+    def on_jobs_changed(self, message: JobsChanged) -> None:
+        self.render_all()
 
     def render_all(self) -> None:
         states = [t.state for t in self.trackers]
@@ -70,12 +68,20 @@ class CompareScreen(Screen[None]):
         self.fill_diff(states, names)
         self.draw_curves(states, names)
 
+    def status(self, tracker: RunTracker) -> Text:
+        """The run's status; failed when its last training job started here failed."""
+        status = run_status(tracker.path, tracker.state)
+        job = self.jobs.latest_for(tracker.path)
+        if status == "interrupted" and job is not None and job.status in ("failed", "killed"):
+            status = "failed"
+        return Text(status)
+
     def fill_summary(self, states: list[RunState], names: list[str]) -> None:
         table = self.query_one("#summary", DataTable)
         table.clear(columns=True)
         table.add_column("", key="metric")
         for i, name in enumerate(names):
-            table.add_column(name, key=str(i))
+            table.add_column(Text(name), key=str(i))
         lasts = [s.last_eval for s in states]
         attacks = attack_columns([e for e in lasts if e is not None])
 
@@ -84,7 +90,7 @@ class CompareScreen(Screen[None]):
             return "—" if b is None else f"{pct(b[0])} (ep {b[1] + 1})"
 
         rows: list[tuple[str, list[object]]] = [
-            ("status", [run_status(t.path, t.state, t.path in self.app.live_paths()) for t in self.trackers]),
+            ("status", [self.status(t) for t in self.trackers]),
             ("epochs", [f"{s.epochs_done}/{s.epochs_total}" for s in states]),
             ("best worst case", [Text(best(s), style="bold") for s in states]),
             ("last clean", [pct(e.accuracy.get("clean")) if e else "—" for e in lasts]),
@@ -98,17 +104,17 @@ class CompareScreen(Screen[None]):
             ("final train loss", [f"{s.epochs[-1].loss:.4f}" if s.epochs else "—" for s in states]),
         ]
         for label, cells in rows:
-            table.add_row(label, *cells, key=label)
+            table.add_row(Text(label), *cells, key=label)
 
     def fill_diff(self, states: list[RunState], names: list[str]) -> None:
         table = self.query_one("#diff", DataTable)
         table.clear(columns=True)
         table.add_column("key", key="key")
         for i, name in enumerate(names):
-            table.add_column(name, key=str(i))
+            table.add_column(Text(name), key=str(i))
         diff = config_diff([s.config for s in states])
         for key, values in diff:
-            table.add_row(key, *[value(v) for v in values], key=key)
+            table.add_row(Text(key), *[Text(value(v)) for v in values], key=key)
         if not diff:
             table.add_row("(same configuration)", *["" for _ in names])
 

@@ -1,13 +1,14 @@
 """The Runs screen: every run under the runs directory, newest first, with a filter.
 
-Status: *running* (trained by this app, a live ``run.lock``, or a log that grew in the last few
-minutes with no Finished event), *finished* (Finished, not stopped), else *interrupted*.
+Status: *running* (a process holds the run's ``.lock``, or, for runs without a lock file, a log that
+grew in the last few minutes with no Finished event), *finished* (Finished, not stopped), *failed*
+(its last training job started here ended with an error), else *interrupted*.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -15,22 +16,19 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
-from fsapp.engine.rundir import MODEL, RunSummary
-from fsapp.errors import FsappError
+from fsapp.app.jobs import Jobs
+from fsapp.engine.rundir import MODEL, RunIndex, RunSummary
 from fsapp.tui.fmt import pct
+from fsapp.tui.messages import JobsChanged, MarksChanged, OpenEvaluate, OpenRun, ResumeRun
 
-if TYPE_CHECKING:
-    from fsapp.tui.app import FsappApp
-
-STATUS_STYLE = {"running": "bold green", "finished": "", "interrupted": "yellow"}
+STATUS_STYLE = {"running": "bold green", "finished": "", "interrupted": "yellow", "failed": "bold red"}
 WIDE = 110
 NAME_WIDTH = 30
 
 
-class HomeScreen(Screen[None]):
-    """The runs table."""
+class RunsScreen(Screen[None]):
+    """The runs table (the app's first screen)."""
 
-    app: FsappApp
     BINDINGS = [
         Binding("n", "app.new_run", "New run"),
         Binding("r", "resume", "Resume", tooltip="resume an interrupted run from its checkpoint"),
@@ -42,8 +40,13 @@ class HomeScreen(Screen[None]):
         Binding("escape", "leave_filter", "Table", show=False),
     ]
 
-    def __init__(self) -> None:
+    def __init__(self, runs_dir: Path, index: RunIndex, jobs: Jobs, poll_interval: float = 0.5) -> None:
         super().__init__()
+        self.runs_dir = runs_dir
+        self.index = index
+        self.jobs = jobs
+        self.poll_interval = poll_interval
+        self.marked: frozenset[Path] = frozenset()
         self.rows: list[RunSummary] = []
         self.shown: tuple[object, ...] = ()
 
@@ -56,10 +59,10 @@ class HomeScreen(Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = f"runs in {self.app.runs_dir}"
+        self.sub_title = f"runs in {self.runs_dir}"
         self.refresh_runs()
         self.query_one("#runs", DataTable).focus()
-        self.set_interval(max(self.app.poll_interval * 2, 0.5), self.refresh_runs)
+        self.set_interval(max(self.poll_interval * 2, 0.5), self.refresh_runs)
 
     def palette_commands(self) -> list[tuple[str, str, str]]:
         return [
@@ -73,10 +76,18 @@ class HomeScreen(Screen[None]):
     # -- data ----------------------------------------------------------------------------------
     def refresh_runs(self) -> None:
         """Rescan the runs directory (incrementally) and redraw when something changed."""
-        self.rows = self.app.index.scan(self.app.live_paths())
+        rows = self.index.scan()
+        self.rows = [self.with_job(row) for row in rows]
         self.redraw()
 
-    def run_changed(self, path: Path) -> None:
+    def with_job(self, row: RunSummary) -> RunSummary:
+        """A row whose last training job started here failed shows as failed (resumable if it can)."""
+        job = self.jobs.latest_for(row.path)
+        if row.status == "interrupted" and job is not None and job.status in ("failed", "killed"):
+            return replace(row, status="failed")
+        return row
+
+    def on_jobs_changed(self, message: JobsChanged) -> None:
         self.refresh_runs()
 
     def visible(self) -> list[RunSummary]:
@@ -87,7 +98,7 @@ class HomeScreen(Screen[None]):
         table = self.query_one("#runs", DataTable)
         rows = self.visible()
         wide = self.size.width >= WIDE
-        marks = frozenset(self.app.marked)
+        marks = self.marked
         key = (wide, marks, tuple(rows))
         if key == self.shown and not force:
             return
@@ -106,9 +117,9 @@ class HomeScreen(Screen[None]):
         table.add_column("started", key="when")
         for row in rows:
             mark = "✓ " if row.path in marks else "  "
-            cells: list[object] = [mark + row.name, row.method]
+            cells: list[object] = [Text(mark + row.name), Text(row.method)]
             if wide:
-                cells += [row.dataset, row.model]
+                cells += [Text(row.dataset), Text(row.model)]
             when = row.when if wide else row.when[5:]
             cells += [Text(row.status, style=STATUS_STYLE.get(row.status, "")),
                       f"{row.epochs_done}/{row.epochs_total}", pct(row.best_robust), when]
@@ -116,13 +127,20 @@ class HomeScreen(Screen[None]):
         if current is not None and any(r.path == current.path for r in rows):
             table.move_cursor(row=[r.path for r in rows].index(current.path))
         hint = self.query_one("#hint", Static)
+        hint.update(Text(self.hint_text(rows)))
+
+    def hint_text(self, rows: list[RunSummary]) -> str:
+        jobs = self.jobs.active()
+        busy = ""
+        if jobs:
+            training = sum(j.kind == "train" for j in jobs)
+            busy = f" · jobs here: {training} training, {len(jobs) - training} evaluating"
         if not self.rows:
-            hint.update(f"No runs in {self.app.runs_dir} yet. Press n to start one, or run `fsapp train "
-                        f"--set run.runs_dir={self.app.runs_dir}` in a terminal.")
-        elif not rows:
-            hint.update("No run matches the filter.")
-        else:
-            hint.update(f"{len(rows)} of {len(self.rows)} runs · enter opens · space marks for compare")
+            return (f"No runs in {self.runs_dir} yet. Press n to start one, or run `fsapp train "
+                    f"--set run.runs_dir={self.runs_dir}` in a terminal.{busy}")
+        if not rows:
+            return "No run matches the filter." + busy
+        return f"{len(rows)} of {len(self.rows)} runs · enter opens · space marks for compare{busy}"
 
     def on_resize(self) -> None:
         self.redraw()
@@ -147,34 +165,29 @@ class HomeScreen(Screen[None]):
     def action_open(self) -> None:
         row = self.selected()
         if row is not None:
-            self.app.open_run(row.path)
+            self.post_message(OpenRun(row.path))
 
     def action_resume(self) -> None:
         row = self.selected()
         if row is None:
             return
-        if row.status != "interrupted":
-            self.notify(f"{row.name} is {row.status}; only interrupted runs resume.", severity="warning",
-                        markup=False)
+        if row.status not in ("interrupted", "failed"):
+            self.notify(f"{row.name} is {row.status}; only interrupted or failed runs resume.",
+                        severity="warning", markup=False)
             return
-        try:
-            self.app.resume_run(row.path)
-        except FsappError as exc:
-            self.notify(str(exc), severity="error", markup=False)
-            return
-        self.refresh_runs()
-        self.app.open_run(row.path)
+        self.post_message(ResumeRun(row.path))
 
     def action_mark(self) -> None:
         row = self.selected()
         if row is not None:
-            self.app.marked ^= {row.path}
+            self.marked = self.marked ^ {row.path}
+            self.post_message(MarksChanged(self.marked))
             self.redraw()
 
     def action_evaluate(self) -> None:
         row = self.selected()
         model = row.path / MODEL if row is not None and (row.path / MODEL).is_file() else ""
-        self.app.action_evaluate(str(model))
+        self.post_message(OpenEvaluate(str(model)))
 
     def action_filter(self) -> None:
         self.query_one("#filter", Input).focus()

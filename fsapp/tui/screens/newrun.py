@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual import on
@@ -16,10 +15,8 @@ from textual.widgets import Button, Footer, Header, Input, Select, Static
 from fsapp.config import PRESET_DESCRIPTIONS, PRESETS, Config, resolved_tables, to_toml
 from fsapp.errors import FsappError
 from fsapp.tui import form
+from fsapp.tui.messages import StartRun
 from fsapp.tui.widgets import Field
-
-if TYPE_CHECKING:
-    from fsapp.tui.app import FsappApp
 
 HINTS = {
     "attacks": "specs separated by spaces, e.g. pgd:steps=20 cw:steps=20",
@@ -35,15 +32,15 @@ HINTS = {
 class NewRunScreen(Screen[None]):
     """Build a configuration from the registry and the presets, then start it or save it."""
 
-    app: FsappApp
     BINDINGS = [
         Binding("ctrl+r", "start", "Start"),
         Binding("ctrl+s", "save", "Save TOML", tooltip="save the resolved config as TOML"),
         Binding("escape", "app.pop_screen", "Back"),
     ]
 
-    def __init__(self, preset: str = "demo") -> None:
+    def __init__(self, runs_dir: Path, preset: str = "demo") -> None:
         super().__init__()
+        self.runs_dir = Path(runs_dir)
         self.preset = preset
         self.inputs: dict[str, list[tuple[form.ParamRow, Input]]] = {}
         self.checked: list[str] = []
@@ -59,12 +56,12 @@ class NewRunScreen(Screen[None]):
         values = form.initial_values(self.preset)
         yield Header()
         with VerticalScroll(id="form"):
-            yield Field("preset", Select([(p, p) for p in PRESETS], value=self.preset, allow_blank=False,
+            yield Field("preset", Select([(Text(p), p) for p in PRESETS], value=self.preset, allow_blank=False,
                                          compact=True, id="preset"))
-            yield Static(PRESET_DESCRIPTIONS.get(self.preset, ""), id="preset-help", classes="hint")
+            yield Static(Text(PRESET_DESCRIPTIONS.get(self.preset, "")), id="preset-help", classes="hint")
             for fid, kind, _ in form.COMPONENTS:
                 names = registry.names(kind)
-                yield Field(fid, Select([(n, n) for n in names], value=values[fid], allow_blank=False,
+                yield Field(fid, Select([(Text(n), n) for n in names], value=values[fid], allow_blank=False,
                                         compact=True, id=fid))
             for fid, label, _ in form.FIELDS:
                 yield Field(label, Input(values[fid], placeholder=HINTS.get(fid, ""), compact=True, id=fid,
@@ -78,7 +75,7 @@ class NewRunScreen(Screen[None]):
         with Horizontal(id="actions"):
             yield Button("Start (ctrl+r)", variant="success", id="start", compact=True)
             yield Button("Save TOML (ctrl+s)", id="save", compact=True)
-            yield Input(str(self.app.runs_dir / f"{self.preset}.toml"), compact=True, id="save-path")
+            yield Input(str(self.runs_dir / f"{self.preset}.toml"), compact=True, id="save-path")
         yield Footer()
 
     async def on_mount(self) -> None:
@@ -96,7 +93,7 @@ class NewRunScreen(Screen[None]):
         box = self.query_one(f"#params-{fid}", Vertical)
         await box.remove_children()
         self.query_one(f"#title-{fid}", Static).update(
-            f"{fid} '{name}' parameters" + ("" if rows else ": none"))
+            Text(f"{fid} '{name}' parameters" + ("" if rows else ": none")))
         inputs = [(row, Input(row.initial, placeholder=f"{row.type}, default {row.default or 'none'}",
                               compact=True, id=f"param-{fid}-{row.key}",
                               tooltip=f"{row.dotted}: {row.type}, default {row.default or 'none'}"))
@@ -116,7 +113,7 @@ class NewRunScreen(Screen[None]):
     def overrides(self) -> list[str]:
         """The ``--set`` items equivalent to the form."""
         extra = self.query_one("#extra", Input).value
-        return form.overrides(self.values(), self.param_values(), extra, runs_dir=self.app.runs_dir)
+        return form.overrides(self.values(), self.param_values(), extra, runs_dir=self.runs_dir)
 
     def check(self) -> Config | None:
         """Validate with the CLI's code; show its message under the form."""
@@ -179,8 +176,8 @@ class NewRunScreen(Screen[None]):
                 self.query_one(f"#{fid}", Select).value = values[fid]
             for fid, _, _ in form.FIELDS:
                 self.query_one(f"#{fid}", Input).value = values[fid]
-            self.query_one("#preset-help", Static).update(PRESET_DESCRIPTIONS.get(preset, ""))
-            self.query_one("#save-path", Input).value = str(self.app.runs_dir / f"{preset}.toml")
+            self.query_one("#preset-help", Static).update(Text(PRESET_DESCRIPTIONS.get(preset, "")))
+            self.query_one("#save-path", Input).value = str(self.runs_dir / f"{preset}.toml")
             for fid, _, _ in form.COMPONENTS:
                 await self.rebuild_params(fid)
         finally:
@@ -207,14 +204,7 @@ class NewRunScreen(Screen[None]):
         if cfg is None:
             self.notify(self.error, title="not started", severity="error", markup=False)
             return
-        try:
-            path = self.app.start_run(cfg)
-        except FsappError as exc:
-            self.notify(str(exc), title="not started", severity="error", markup=False)
-            return
-        from fsapp.tui.dashboard import DashboardScreen
-
-        self.app.switch_screen(DashboardScreen(path))
+        self.post_message(StartRun(cfg))
 
     def action_save(self) -> None:
         cfg = self.check()

@@ -8,19 +8,29 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Markdown
 
+from fsapp.tui.screens.compare import CompareScreen
+from fsapp.tui.screens.dashboard import DashboardScreen
+from fsapp.tui.screens.evaluate import EvaluateScreen
+from fsapp.tui.screens.newrun import NewRunScreen
+from fsapp.tui.screens.plugins import PluginsScreen
+from fsapp.tui.screens.runs import RunsScreen
+
 INTRO = """\
 # fsapp keys
 
 Everywhere: **?** help · **ctrl+p** command palette (every action is there) · **ctrl+t**
-light/dark theme · **escape** back · **q** quit (while a run trains it asks, then stops the run
-with a checkpoint so it can be resumed).
+light/dark theme · **escape** back · **q** quit (while jobs run it asks, then stops each run with a
+checkpoint so it can be resumed).
 """
 
 OUTRO = """
 The New-run form is checked as you type by the CLI's own code: the line under it shows what
 `fsapp train --preset P --set ...` would say; *more --set* takes extra `section.key=value` items.
-Runs started with `fsapp train` elsewhere appear on the Runs screen and their dashboard follows
-`metrics.jsonl`. Evaluation reports go to `eval/` next to the model file, as with `fsapp eval`.
+Every training and evaluation started here is its own `fsapp train` / `fsapp eval` process. Runs
+started with `fsapp train` elsewhere appear on the Runs screen too, and the dashboard's keys
+(pause, stop, checkpoint, evaluate now) work on them as well: they go through the run's control
+channel, like `fsapp ctl RUN ACTION`. Evaluation reports go to `eval/` next to the model file, as
+with `fsapp eval`.
 """
 
 
@@ -37,14 +47,7 @@ def keys_markdown(title: str, screen: type[Screen[object]]) -> str:
 
 def help_markdown() -> str:
     """The whole help text."""
-    from fsapp.tui.compare import CompareScreen
-    from fsapp.tui.dashboard import DashboardScreen
-    from fsapp.tui.evalscreen import EvaluateScreen
-    from fsapp.tui.home import HomeScreen
-    from fsapp.tui.newrun import NewRunScreen
-    from fsapp.tui.pluginscreen import PluginsScreen
-
-    screens = [("Runs", HomeScreen), ("Dashboard", DashboardScreen), ("New run", NewRunScreen),
+    screens = [("Runs", RunsScreen), ("Dashboard", DashboardScreen), ("New run", NewRunScreen),
                ("Evaluate", EvaluateScreen), ("Compare", CompareScreen), ("Plugins", PluginsScreen)]
     lines = [keys_markdown(title, cls) for title, cls in screens]
     extra = ("- On the Runs screen **enter** opens a run. In the dashboard's robustness table a row "

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.markup import escape
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
@@ -16,7 +15,6 @@ from fsapp.tui.form import MODEL_BASE, to_text
 
 if TYPE_CHECKING:
     from fsapp.plugins import Registry
-    from fsapp.tui.app import FsappApp
 
 
 def param_text(value: object) -> str:
@@ -27,7 +25,6 @@ def param_text(value: object) -> str:
 class PluginsScreen(Screen[None]):
     """Components and plugins, as ``fsapp plugins list`` shows them."""
 
-    app: FsappApp
     BINDINGS = [Binding("escape", "app.pop_screen", "Back")]
 
     def __init__(self, registry: Registry | None = None) -> None:
@@ -60,13 +57,14 @@ class PluginsScreen(Screen[None]):
                 c = reg.get(kind, name)
                 rows = [r for r in c.param_table() if kind != "model" or r["name"] not in MODEL_BASE]
                 params = ", ".join(f"{r['name']}={param_text(r['default'])}" for r in rows)
-                table.add_row(kind, Text(name, style="bold"), c.plugin, params or "—", key=f"{kind}:{name}")
+                table.add_row(kind, Text(name, style="bold"), Text(c.plugin), Text(params or "—"), key=f"{kind}:{name}")
         failures = self.query_one("#failures", Static)
         if reg.failures:
-            failures.update("\n".join(f"[b red]✗ {escape(f.plugin)}[/]: {escape(f.reason)}" for f in reg.failures))
+            failures.update(Text("\n").join(Text.assemble((f"✗ {f.plugin}", "bold red"), f": {f.reason}")
+                                             for f in reg.failures))
             failures.add_class("-error")
         else:
-            failures.update("[green]✓[/] every installed plugin loaded")
+            failures.update(Text.assemble(("✓", "green"), " every installed plugin loaded"))
         table.focus()
         self.show_detail(f"{KINDS[0]}:{reg.names(KINDS[0])[0]}" if reg.names(KINDS[0]) else "")
 
@@ -81,7 +79,8 @@ class PluginsScreen(Screen[None]):
             return
         kind, _, name = key.partition(":")
         c = self.registry.get(kind, name)
-        params = "  ".join(f"[b]{r['name']}[/] {escape(r['type'])} = {escape(param_text(r['default']))}"
-                           for r in c.param_table())
-        detail.update(f"[b]{kind} {name}[/] from [i]{escape(c.plugin)}[/]: "
-                      f"{escape(c.description or 'no description')}\n{params or 'no parameters'}")
+        params = [Text.assemble((r["name"], "bold"), f" {r['type']} = {param_text(r['default'])}")
+                  for r in c.param_table()]
+        detail.update(Text.assemble((f"{kind} {name}", "bold"), " from ", (c.plugin, "italic"),
+                                    f": {c.description or 'no description'}\n",
+                                    Text("  ").join(params) if params else "no parameters"))

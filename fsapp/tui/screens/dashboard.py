@@ -1,55 +1,55 @@
 """The live dashboard of one run: progress, curves, robustness per epoch, checkpoint, controls.
 
-It always reads the run directory's ``metrics.jsonl`` (polled on a timer), so a run trained by
-``fsapp train`` elsewhere looks the same as one trained here; for runs trained here, each event
-message from the worker triggers an immediate read.
+It reads the run directory's ``metrics.jsonl`` on a timer, so every run looks the same whoever
+trains it (this app, ``fsapp train`` in another terminal, a script). Its controls (pause/resume,
+stop, checkpoint now, evaluate now) go to whichever process trains the run, through the run
+directory's control channel; *paused* and *stopping* come from the run's own log.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.markup import escape
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
 from textual_plotext import PlotextPlot
 
-from fsapp.engine.rundir import MODEL, RunState, RunTracker, run_status
+from fsapp.app.jobs import Job, Jobs
+from fsapp.engine import events as ev
+from fsapp.engine.rundir import CHECKPOINT, MODEL, RunState, RunTracker, run_status
 from fsapp.tui.fmt import duration, pct
-from fsapp.tui.live import LiveRun
+from fsapp.tui.messages import ControlRun, JobsChanged, OpenEvaluate, ResumeRun
 from fsapp.tui.widgets import draw, fill_robustness
 
-if TYPE_CHECKING:
-    from fsapp.tui.app import FsappApp
-
-RENDER_EVERY = 0.2
-"""Seconds between redraws while events stream in (plots are the costly part)."""
+STATUS_COLOR = {"running": "green", "paused": "yellow", "stopping": "yellow", "starting": "cyan",
+                "interrupted": "yellow", "failed": "red", "killed": "red"}
 
 
 class DashboardScreen(Screen[None]):
     """One run, live."""
 
-    app: FsappApp
     BINDINGS = [
         Binding("p", "pause", "Pause/resume"),
         Binding("s", "stop", "Stop", tooltip="stop after this step, saving a checkpoint"),
         Binding("c", "checkpoint", "Checkpoint", tooltip="save a checkpoint at the next step"),
         Binding("e", "evaluate_now", "Evaluate now", tooltip="robustness evaluation at the next step"),
+        Binding("r", "resume", "Resume", tooltip="resume an interrupted or failed run from its checkpoint"),
         Binding("v", "evaluate_model", "Eval model", tooltip="evaluate the model file on the test split"),
         Binding("escape", "app.pop_screen", "Back"),
     ]
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, jobs: Jobs, poll_interval: float = 0.5) -> None:
         super().__init__()
         self.path = Path(path)
+        self.jobs = jobs
+        self.poll_interval = poll_interval
         self.tracker = RunTracker(self.path)
         self.n_evals = -1
-        self.pending = False
+        self.stopping = False
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -69,69 +69,73 @@ class DashboardScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.sub_title = self.path.name
-        self.tracker.poll()
+        self.read()
         self.render_state()
-        self.set_interval(self.app.poll_interval, self.poll)
+        self.set_interval(self.poll_interval, self.poll)
 
     @property
-    def live(self) -> LiveRun | None:
-        return self.app.live.get(self.path)
+    def job(self) -> Job | None:
+        """The last training job of this run started by this app, if any."""
+        return self.jobs.latest_for(self.path)
 
     @property
     def state(self) -> RunState:
         return self.tracker.state
 
     # -- reading -------------------------------------------------------------------------------
+    def read(self) -> bool:
+        """Fold in what ``metrics.jsonl`` gained; True when anything did."""
+        new = self.tracker.poll()
+        if self.tracker.follower.restarted:
+            self.stopping = False
+        for event in new:
+            if isinstance(event, ev.RunStarted):
+                self.stopping = False
+            elif isinstance(event, ev.ControlApplied) and event.action == "stop":
+                self.stopping = True
+        return bool(new) or self.tracker.follower.restarted
+
     def poll(self) -> None:
-        """Read what ``metrics.jsonl`` gained; redraw if anything did."""
-        if self.tracker.poll() or self.follower_restarted() or self.pending:
-            self.pending = False
+        """Redraw everything when the log grew, else only the title line."""
+        if self.read():
             self.render_state()
         else:
             self.render_title()
 
-    def follower_restarted(self) -> bool:
-        return self.tracker.follower.restarted
-
-    def run_changed(self, path: Path) -> None:
-        """A worker event for ``path``: read the log now, redraw soon (at most every RENDER_EVERY)."""
-        if path != self.path:
-            return
-        if self.tracker.poll() or self.follower_restarted():
-            if not self.pending:
-                self.pending = True
-                self.set_timer(RENDER_EVERY, self._flush)
-        else:
-            self.render_title()
-
-    def _flush(self) -> None:
-        self.pending = False
-        self.render_state()
+    def on_jobs_changed(self, message: JobsChanged) -> None:
+        self.poll()
 
     # -- drawing -------------------------------------------------------------------------------
     def status(self) -> str:
-        live = self.live
-        if live is not None and live.active:
-            return live.describe()
-        if live is not None and live.phase == "failed":
-            return "failed"
-        return run_status(self.path, self.state)
+        """starting, running, paused, stopping, finished, interrupted, failed or killed."""
+        s = self.state
+        job = self.job
+        if job is not None and job.running and not job.has_begun():
+            return "starting"  # launched here, not writing yet
+        status = run_status(self.path, s)
+        if status == "running":
+            if self.stopping or (job is not None and job.running and job.stop_requested):
+                return "stopping"
+            return "paused" if s.paused else status
+        if job is not None and job.status in ("failed", "killed") and status != "finished":
+            return job.status
+        return status
 
     def render_title(self) -> None:
         s = self.state
         cfg = s.config
         method = cfg.get("method", {})
         status = self.status()
-        color = {"running": "green", "paused": "yellow", "stopping": "yellow", "starting": "cyan",
-                 "interrupted": "yellow", "failed": "red"}.get(status, "blue")
         device = s.started.device if s.started else "?"
-        parts = [f"[b]{escape(self.path.name)}[/b]", f"[{color}]● {status}[/]", f"device [b]{device}[/b]",
-                 f"{method.get('perturbation', '?')}/{cfg.get('data', {}).get('name', '?')}/"
-                 f"{cfg.get('model', {}).get('name', '?')}"]
-        live = self.live
-        if live is not None and live.phase == "failed":
-            parts.append(f"[red]{escape(live.error)}[/]")
-        self.query_one("#title", Static).update(" · ".join(parts))
+        title = Text.assemble((self.path.name, "bold"), " · ", (f"● {status}", STATUS_COLOR.get(status, "blue")),
+                              " · device ", (str(device), "bold"), " · ",
+                              f"{method.get('perturbation', '?')}/{cfg.get('data', {}).get('name', '?')}/"
+                              f"{cfg.get('model', {}).get('name', '?')}")
+        job = self.job
+        if status in ("failed", "killed") and job is not None and job.error:
+            title.append(" · ")
+            title.append(job.error, style="red")
+        self.query_one("#title", Static).update(title)
 
     def render_state(self) -> None:
         s = self.state
@@ -194,10 +198,11 @@ class DashboardScreen(Screen[None]):
         last = s.last_eval
         lines = []
         if last is not None and last.flags:
-            lines += [f"[b red]⚑ {escape(str(f.get('id')))}[/]: {escape(f.get('message', ''))}" for f in last.flags]
+            lines += [Text.assemble((f"⚑ {f.get('id')}", "bold red"), f": {f.get('message', '')}")
+                      for f in last.flags]
         if s.warnings:
-            lines.append(f"[yellow]warning[/]: {escape(s.warnings[-1].message)}")
-        widget.update("\n".join(lines))
+            lines.append(Text.assemble(("warning", "yellow"), f": {s.warnings[-1].message}"))
+        widget.update(Text("\n").join(lines))
         widget.display = bool(lines)
 
     # -- controls ------------------------------------------------------------------------------
@@ -210,49 +215,36 @@ class DashboardScreen(Screen[None]):
             ("Evaluate the model file", "Open Evaluate on this run's model.safetensors", "evaluate_model"),
         ]
 
-    def _controlled(self) -> LiveRun | None:
-        live = self.live
-        if live is not None and live.active:
-            return live
-        if self.status() == "running":
-            self.notify("This run is trained by another process; control it there (Ctrl-C stops it "
-                        "with a checkpoint).", severity="warning")
-        else:
-            self.notify(f"The run is {self.status()}; nothing to control.", severity="warning")
-        return None
+    def control(self, action: str) -> None:
+        """Ask the process training this run (whoever started it) to ``action``."""
+        status = self.status()
+        if status not in ("running", "paused", "stopping", "starting"):
+            self.notify(f"The run is {status}; nothing to control.", severity="warning")
+            return
+        self.post_message(ControlRun(self.path, action))
 
     def action_pause(self) -> None:
-        live = self._controlled()
-        if live is None:
-            return
-        if live.control.pause.is_set():
-            live.control.pause.clear()
-            self.notify("resumed")
-        else:
-            live.control.pause.set()
-            self.notify("pausing after this step")
-        self.render_title()
+        self.control("resume" if self.state.paused else "pause")
 
     def action_stop(self) -> None:
-        live = self._controlled()
-        if live is not None:
-            live.phase = "stopping"
-            live.control.stop.set()
-            self.notify("stopping after this step; a checkpoint will be saved")
-            self.render_title()
+        self.control("stop")
 
     def action_checkpoint(self) -> None:
-        live = self._controlled()
-        if live is not None:
-            live.control.checkpoint_now.set()
-            self.notify("checkpoint requested")
+        self.control("checkpoint")
 
     def action_evaluate_now(self) -> None:
-        live = self._controlled()
-        if live is not None:
-            live.control.evaluate_now.set()
-            self.notify("evaluation requested")
+        self.control("evaluate")
+
+    def action_resume(self) -> None:
+        status = self.status()
+        if status not in ("interrupted", "failed", "killed"):
+            self.notify(f"The run is {status}; only interrupted or failed runs resume.", severity="warning")
+            return
+        if not (self.path / CHECKPOINT).is_file():
+            self.notify("This run has no checkpoint to resume from.", severity="warning")
+            return
+        self.post_message(ResumeRun(self.path, show=False))
 
     def action_evaluate_model(self) -> None:
         model = self.path / MODEL
-        self.app.action_evaluate(str(model) if model.is_file() else "")
+        self.post_message(OpenEvaluate(str(model) if model.is_file() else ""))
