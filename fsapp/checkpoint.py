@@ -651,8 +651,11 @@ def check_model_fits(name: str, params: dict[str, Any], *, limit_bytes: int | No
 
 
 def describe_model(path: str | Path, meta: dict[str, Any], box: Container) -> dict[str, tuple[torch.dtype, tuple]]:
-    """The ``{key: (dtype, shape)}`` the metadata's model expects, found without allocating it and
-    bounded by the file: a model needing more values or parts than the file holds is refused."""
+    """The ``{key: (dtype, shape)}`` the metadata's model expects, found without allocating it:
+    parameter ranges, then a parameter-count estimate (a model larger than this machine's memory is
+    refused, saying the estimate), then a build on the meta device bounded by the file's tensor
+    count. Comparing the result with the header (:func:`check_tensors_match`) then guarantees the
+    real model allocates exactly what the file holds."""
     from fsapp.builtins.models import parameter_count
     from fsapp.plugins import get_registry
 
@@ -673,20 +676,18 @@ def describe_model(path: str | Path, meta: dict[str, Any], box: Container) -> di
         if have != want:
             raise UsageError(f"{path}: metadata field 'model_params' gives {key}={have} (a default?) but the "
                              f"file's {'num_classes' if key == 'num_classes' else 'input_shape'} says {want}")
-    held = box.total_values
     count = parameter_count(instance)
-    if count is not None and count > held:
-        raise UsageError(f"{path}: metadata describes model '{name}' with {_size_text(count)} parameters, but "
-                         f"the file holds only {held} values: the metadata does not fit the weights")
+    memory = _memory_bytes()
+    if count is not None and count * 4 > memory:
+        raise UsageError(f"{path}: metadata describes model '{name}' with about {_size_text(count)} parameters "
+                         f"({_size_text(count * 4, 'B')} as float32), more than this machine's memory "
+                         f"({_size_text(memory, 'B')}); the file holds {_size_text(box.total_values)} values")
     bound = MODULE_BOUND_FACTOR * len(box.entries) + 64
     try:
         model = _build_on_meta(name, instance, bound)
     except UsageError as exc:
         raise UsageError(f"{path}: {exc}; the file has {len(box.entries)} tensors") from None
     state = model.state_dict()
-    if sum(t.numel() for t in state.values()) > held:
-        raise UsageError(f"{path}: metadata describes model '{name}' with more values than the file's "
-                         f"{held}: the metadata does not fit the weights")
     return {key: (t.dtype, tuple(t.shape)) for key, t in state.items()}
 
 

@@ -308,14 +308,15 @@ METADATA: list[tuple[str, str, Builder]] = [
     ("num-classes-1e12", "num_classes", lambda b: with_params(b, num_classes=10**12)),
     ("hidden-1e9", "hidden", lambda b: with_params(b, hidden=10**9)),
     ("mlp-layers-1e7", "layers", lambda b: with_params(b, layers=10**7)),
-    ("mlp-layers-too-many-for-file", "parameters", lambda b: with_params(b, layers=500, hidden=4096)),
+    ("mlp-layers-too-many-for-file", "more than 80", lambda b: with_params(b, layers=100, hidden=4096)),
+    ("mlp-in-range-but-huge", "parameters", lambda b: with_params(b, layers=1000, hidden=65536)),
     ("small-cnn-width-1e9", "width", lambda b: with_meta(b, model="small-cnn", model_params=json.dumps(
         {**{k: PARAMS[k] for k in ("num_classes", "channels", "size", "mean", "std")}, "width": 10**9}))),
     ("wrn-widen-1e9", "widen", lambda b: with_meta(b, model="wrn", model_params=json.dumps(
         {**{k: PARAMS[k] for k in ("num_classes", "channels", "size", "mean", "std")}, "widen": 10**9}))),
     ("wrn-depth-huge", "depth", lambda b: with_meta(b, model="wrn", model_params=json.dumps(
         {**{k: PARAMS[k] for k in ("num_classes", "channels", "size", "mean", "std")}, "depth": 6 * 166666666 + 4}))),
-    ("wrn-28-10-in-tiny-file", "parameters", lambda b: with_meta(b, model="wrn", model_params=json.dumps(
+    ("wrn-28-10-in-tiny-file", "more than 80", lambda b: with_meta(b, model="wrn", model_params=json.dumps(
         {**{k: PARAMS[k] for k in ("num_classes", "channels", "size", "mean", "std")}, "depth": 28, "widen": 10}))),
     ("size-negative", "input_shape", lambda b: with_params(b, size=-8)),
     ("size-huge", "size", lambda b: with_params(b, size=10**6)),
@@ -350,7 +351,7 @@ METADATA: list[tuple[str, str, Builder]] = [
     ("format-other", "not an fsapp model file", lambda b: with_meta(b, format="something")),
     ("checkpoint-as-model", "not an fsapp model file", lambda b: with_meta(b, format="fsapp-checkpoint")),
     ("model-field-missing", "model", lambda b: with_meta(b, model=None)),
-    ("missing-tensor", "file holds only", lambda b: with_tensors(b, {k: v for k, v in b.tensors.items() if k != sorted(b.tensors)[-1]})),
+    ("missing-tensor", "missing keys net.3.weight", lambda b: with_tensors(b, {k: v for k, v in b.tensors.items() if k != sorted(b.tensors)[-1]})),
     ("renamed-tensor", "missing keys net.3.bias", lambda b: with_tensors(b, {("net.3.bais" if k == "net.3.bias" else k): v for k, v in b.tensors.items()})),
     ("extra-tensor", "unexpected", lambda b: with_tensors(b, {**b.tensors, "extra.weight": torch.zeros(2)})),
     ("wrong-shape", "", _reshaped),
