@@ -366,3 +366,13 @@ def test_fifo_model_file_is_refused_before_it_is_opened(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(UsageError, match=r"is not a regular file \(a FIFO\)"):
         read_safetensors(fifo)
+
+
+def test_import_refuses_a_fifo_without_opening_it(tmp_path):
+    from fsapp.importers import import_checkpoint
+
+    fifo = tmp_path / "model.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match="is not a regular file"):
+        import_checkpoint(fifo, "featurescatter", tmp_path / "out.safetensors", trust=True)
+    assert not (tmp_path / "out.safetensors").exists()
