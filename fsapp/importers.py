@@ -8,7 +8,9 @@ else in fsapp reads safetensors only.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,14 @@ _FS_PREFIX = "module.basic_net."
 
 
 def _load_trusted(path: Path) -> Any:
-    if not path.is_file():
-        raise UsageError(f"checkpoint not found: {path}")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UsageError(f"checkpoint not found: {path}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):  # a FIFO or device would hang or stream forever
+        raise UsageError(f"{path} is not a regular file; expected a PyTorch checkpoint file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refusals and corrupt files alike

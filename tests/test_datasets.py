@@ -310,3 +310,28 @@ def test_synthetic_bad_parameters(reg):
     assert "classes" in one_line_error(reg, "synthetic:classes=1")
     assert "noise" in one_line_error(reg, "synthetic:noise=-1")
     assert "valid:" in one_line_error(reg, "digits:root=x")
+
+
+@pytest.mark.parametrize(("spec", "needle"), [
+    ("synthetic:size=100000", "'size' = 100000 is out of range; valid: 1..1024"),
+    ("synthetic:classes=1000000", "'classes' = 1000000 is out of range; valid: 2..10000"),
+    ("synthetic:n_train=10000000", "'n_train' = 10000000 is out of range; valid: 1..1e+06"),
+    ("synthetic:seed=-1", "'seed' = -1 is out of range"),
+    ("synthetic:n_train=1000000,size=64", "would need about 307 GB to generate (limit 8.59 GB)"),
+    ("synthetic:classes=10000,channels=64,size=1024", "GB to generate"),
+])
+def test_synthetic_sizes_are_bounded_before_generating(reg, spec, needle):
+    import time
+
+    t0 = time.perf_counter()
+    assert needle in one_line_error(reg, spec)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_synthetic_memory_estimate_allows_cifar_sized_sets():
+    from fsapp.builtins.datasets import SYNTHETIC_MAX_BYTES, SyntheticParams, synthetic_bytes
+
+    cifar = SyntheticParams(n_train=50_000, n_test=10_000, classes=100, channels=3, size=32)
+    assert synthetic_bytes(cifar) < SYNTHETIC_MAX_BYTES
+    imagenet_like = SyntheticParams(n_train=1_000, n_test=200, classes=1000, channels=3, size=224)
+    assert synthetic_bytes(imagenet_like) < SYNTHETIC_MAX_BYTES

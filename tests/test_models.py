@@ -121,7 +121,14 @@ def test_mlp_layers_and_hidden(reg):
     ("spec", "params", "needle"),
     [
         ("wrn:depth=27", {}, "6n+4"),
-        ("wrn:depth=4", {}, "6n+4"),
+        ("wrn:depth=4", {}, "'depth' = 4 is out of range; valid: 10..1000"),
+        ("wrn:depth=1000000", {}, "'depth' = 1000000 is out of range; valid: 10..1000"),
+        ("wrn:widen=1000000000", {}, "'widen' = 1000000000 is out of range; valid: 1..64"),
+        ("small-cnn:width=1000000000", {}, "'width' = 1000000000 is out of range; valid: 1..4096"),
+        ("mlp:layers=10000000", {}, "'layers' = 10000000 is out of range; valid: 0..1000"),
+        ("mlp:hidden=1000000000", {}, "'hidden' = 1000000000 is out of range; valid: 1..65536"),
+        ("mlp", {"num_classes": 10**12}, "'num_classes' = 1000000000000 is out of range; valid: 1..100000"),
+        ("mlp", {"size": 100000}, "'size' = 100000 is out of range; valid: 1..1024"),
         ("wrn:widen=0", {}, "widen"),
         ("wrn:dropout=1.5", {}, "dropout"),
         ("small-cnn", {"channels": 3, "mean": (0.1, 0.2)}, "mean needs 1 or 3"),
@@ -135,3 +142,35 @@ def test_bad_parameters_are_one_line_usage_errors(reg, spec, params, needle):
         reg.create("model", spec, **params)
     message = str(info.value)
     assert needle in message and "\n" not in message
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("wrn", {"depth": 16, "widen": 2, "num_classes": 7, "channels": 1, "size": 8}),
+    ("wrn", {"depth": 10, "widen": 1, "dropout": 0.3}),
+    ("preact-resnet18", {"num_classes": 100}),
+    ("small-cnn", {"width": 8, "hidden": 5, "channels": 1, "size": 8}),
+    ("mlp", {"layers": 0, "channels": 1, "size": 8}),
+    ("mlp", {"layers": 3, "hidden": 7, "num_classes": 4}),
+])
+def test_parameter_count_formula_is_exact(reg, name, params):
+    from fsapp.builtins.models import parameter_count
+    from fsapp.registry import make_params
+
+    component = reg.get("model", name)
+    instance = make_params(component, params)
+    with torch.device("meta"):
+        model = component.factory(instance)
+    assert parameter_count(instance) == sum(p.numel() for p in model.parameters())
+
+
+def test_real_sizes_fit_and_absurd_ones_are_refused_with_the_estimate(reg):
+    from fsapp.checkpoint import check_model_fits, estimate_parameters
+
+    assert estimate_parameters("wrn", {"depth": 28, "widen": 10}) == 36_479_194
+    imagenet = {"num_classes": 1000, "channels": 3, "size": 224}
+    assert check_model_fits("preact-resnet18", imagenet, limit_bytes=1 << 32) > 11_000_000
+    assert estimate_parameters("wrn", {"depth": 28, "widen": 10, "num_classes": 100}) > 36_000_000
+    with pytest.raises(UsageError, match=r"model 'mlp' would have about .* parameters, needing about .*B"):
+        check_model_fits("mlp", {"hidden": 65536, "layers": 1000})
+    with pytest.raises(UsageError, match="valid: 0..1000"):
+        estimate_parameters("mlp", {"layers": 10**7})

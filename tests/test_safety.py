@@ -63,7 +63,7 @@ def crafted_files(tmp_path, model, params):
     add("absurd-header", "header claims", raw=struct.pack("<Q", 2**60) + b"{}")
     add("header-past-end", "header claims", raw=struct.pack("<Q", 500) + b"{}")
     add("too-short", "too short", raw=b"abc")
-    add("bad-json", "corrupt safetensors header", raw=struct.pack("<Q", 5) + b"{nope")
+    add("bad-json", "safetensors header is not valid JSON", raw=struct.pack("<Q", 5) + b"{nope")
     add("not-fsapp", "not an fsapp model file", meta={"format": "other"})
     add("future-version", "version '9' is not supported", meta=_meta(params, format_version="9"))
     add("no-model-name", "lacks model", meta={k: v for k, v in _meta(params).items() if k != "model"})
@@ -113,7 +113,7 @@ def test_metadata_is_never_executed(tmp_path, good_file):
     marker = tmp_path / "pwned"
     evil = _meta(params) | {"model": f"__import__('os').system('touch {marker}')"}
     save_file(_tensors(model), path, metadata=evil)
-    with pytest.raises(UsageError, match="is not available"):
+    with pytest.raises(UsageError, match="must be a component name"):
         fsapp.load_model(path)
     assert not marker.exists()
 
@@ -341,3 +341,38 @@ def test_strict_plugins_cli(install_plugin, tmp_path):
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 1 and "broken-cli" in proc.stderr and "Traceback" not in proc.stderr
     assert Path(site).is_dir()
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_follow_the_umask(tmp_path, good_file, umask, mode):
+    from fsapp.checkpoint import atomic_write_text
+
+    _, model, params = good_file
+    old = os.umask(umask)
+    try:
+        text = atomic_write_text(tmp_path / "config.toml", "x = 1\n")
+        weights = fsapp.save_model(tmp_path / "m.safetensors", model,
+                                   model_metadata("mlp", {**params, "hidden": 16, "layers": 1}))
+        atomic_write_text(text, "x = 2\n")  # replacing keeps following the umask
+    finally:
+        os.umask(old)
+    for path in (text, weights):
+        assert path.stat().st_mode & 0o777 == mode, (path, oct(path.stat().st_mode))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_fifo_model_file_is_refused_before_it_is_opened(tmp_path):
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match=r"is not a regular file \(a FIFO\)"):
+        read_safetensors(fifo)
+
+
+def test_import_refuses_a_fifo_without_opening_it(tmp_path):
+    from fsapp.importers import import_checkpoint
+
+    fifo = tmp_path / "model.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match="is not a regular file"):
+        import_checkpoint(fifo, "featurescatter", tmp_path / "out.safetensors", trust=True)
+    assert not (tmp_path / "out.safetensors").exists()

@@ -35,7 +35,7 @@ from torch import Tensor
 from fsapp.data import Dataset
 from fsapp.errors import UsageError
 from fsapp.hookspecs import Register, hookimpl
-from fsapp.registry import NoParams
+from fsapp.registry import NoParams, ranged
 
 __all__ = [
     "DIGITS_TEST_EVERY",
@@ -46,6 +46,7 @@ __all__ = [
     "load_digits",
     "load_svhn",
     "make_synthetic",
+    "synthetic_bytes",
 ]
 
 DIGITS_TEST_EVERY = 5
@@ -318,7 +319,7 @@ def load_svhn(p: FileParams) -> Dataset:
         if len(labels) != len(data):
             raise _corrupt(title, path, f"{len(data)} images but {len(labels)} labels")
         if len(labels) and (labels.min() < 0 or labels.max() > 9):
-            raise _corrupt(title, path, "labels outside 1..10")
+            raise _corrupt(title, path, "labels outside 0..9")
         tensors += [torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(labels)]
     x_train, y_train, x_test, y_test = tensors
     return _make("svhn", x_train, y_train, x_test, y_test, tuple(str(d) for d in range(10)), "none")
@@ -327,17 +328,21 @@ def load_svhn(p: FileParams) -> Dataset:
 # --------------------------------------------------------------------------- synthetic
 
 
+SYNTHETIC_MAX_BYTES = 8 << 30
+"""The most memory generating a synthetic set may take (the same limit on every machine)."""
+
+
 @dataclass
 class SyntheticParams:
     """A seeded, learnable toy set: class prototypes plus Gaussian pixel noise."""
 
-    n_train: int = 512
-    n_test: int = 256
-    classes: int = 10
-    channels: int = 3
-    size: int = 32
-    seed: int = 0
-    noise: float = 0.15
+    n_train: int = ranged(512, 1, 1_000_000)
+    n_test: int = ranged(256, 1, 1_000_000)
+    classes: int = ranged(10, 2, 10_000)
+    channels: int = ranged(3, 1, 64)
+    size: int = ranged(32, 1, 1024)
+    seed: int = ranged(0, 0, 2**63 - 1)
+    noise: float = ranged(0.15, 0.0, 1.0)
 
     def __post_init__(self) -> None:
         for key in ("n_train", "n_test", "channels", "size"):
@@ -347,6 +352,18 @@ class SyntheticParams:
             raise ValueError(f"classes must be at least 2, got {self.classes}")
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"noise must be in [0, 1], got {self.noise}")
+        need = synthetic_bytes(self)
+        if need > SYNTHETIC_MAX_BYTES:
+            raise ValueError(f"n_train={self.n_train}, n_test={self.n_test}, classes={self.classes}, "
+                             f"channels={self.channels}, size={self.size} would need about {need / 1e9:.3g} GB "
+                             f"to generate (limit {SYNTHETIC_MAX_BYTES / 1e9:.3g} GB); make the set smaller")
+
+
+def synthetic_bytes(p: SyntheticParams) -> int:
+    """Peak memory of :func:`make_synthetic`: float64 prototypes, one split's float64 working
+    copies (noise, picked prototypes, result: 24 bytes a pixel) and both splits' uint8 images."""
+    pixels = p.channels * p.size * p.size
+    return 16 * p.classes * pixels + 24 * max(p.n_train, p.n_test) * pixels + (p.n_train + p.n_test) * pixels
 
 
 def make_synthetic(p: SyntheticParams) -> Dataset:

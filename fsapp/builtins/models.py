@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsapp.hookspecs import Register, hookimpl
-from fsapp.registry import ModelParams
+from fsapp.registry import ModelParams, ranged
 
 __all__ = [
+    "BuiltinModelParams",
     "MLP",
     "MLPParams",
     "Normalized",
@@ -28,7 +29,23 @@ __all__ = [
     "WideResNet",
     "WRNParams",
     "check_model_params",
+    "parameter_count",
 ]
+
+MAX_CLASSES = 100_000
+"""Class counts up to ImageNet-21k and beyond; 10**12 classes is not a dataset."""
+MAX_CHANNELS = 64
+MAX_SIZE = 1024
+"""Image side in pixels: ImageNet's 224 and more, not a terapixel."""
+
+
+@dataclass
+class BuiltinModelParams(ModelParams):
+    """The shared fields with the valid ranges of the built-in models."""
+
+    num_classes: int = ranged(10, 1, MAX_CLASSES)
+    channels: int = ranged(3, 1, MAX_CHANNELS)
+    size: int = ranged(32, 1, MAX_SIZE)
 
 
 def check_model_params(p: ModelParams) -> None:
@@ -98,12 +115,12 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 
 @dataclass
-class WRNParams(ModelParams):
+class WRNParams(BuiltinModelParams):
     """Pre-activation Wide ResNet: ``depth`` = 6n + 4 layers, widths 16k, 32k, 64k for k = widen."""
 
-    depth: int = 28
-    widen: int = 10
-    dropout: float = 0.0
+    depth: int = ranged(28, 10, 1000)
+    widen: int = ranged(10, 1, 64)
+    dropout: float = ranged(0.0, 0.0, 1.0)
 
     def __post_init__(self) -> None:
         check_model_params(self)
@@ -172,7 +189,7 @@ class WideResNet(Normalized):
 
 
 @dataclass
-class PreActResNet18Params(ModelParams):
+class PreActResNet18Params(BuiltinModelParams):
     """PreAct ResNet-18 (He et al. 2016): no parameters beyond the dataset's."""
 
     def __post_init__(self) -> None:
@@ -228,11 +245,11 @@ class PreActResNet18(Normalized):
 
 
 @dataclass
-class SmallCNNParams(ModelParams):
+class SmallCNNParams(BuiltinModelParams):
     """Three conv-BN-ReLU layers (width, 2*width, 2*width; two of stride 2) and an MLP head."""
 
-    width: int = 32
-    hidden: int = 128
+    width: int = ranged(32, 1, 4096)
+    hidden: int = ranged(128, 1, 65536)
 
     def __post_init__(self) -> None:
         check_model_params(self)
@@ -279,11 +296,11 @@ class SmallCNN(Normalized):
 
 
 @dataclass
-class MLPParams(ModelParams):
+class MLPParams(BuiltinModelParams):
     """A multilayer perceptron on the flattened image: ``layers`` hidden layers of ``hidden``."""
 
-    hidden: int = 256
-    layers: int = 2
+    hidden: int = ranged(256, 1, 65536)
+    layers: int = ranged(2, 0, 1000)
 
     def __post_init__(self) -> None:
         check_model_params(self)
@@ -307,6 +324,46 @@ class MLP(Normalized):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(self.normalize(x))
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def _bn(c: int) -> int:
+    return 2 * c
+
+
+def _block(cin: int, cout: int, stride: int) -> int:
+    """Learnable parameters of a pre-activation block (WRN and PreAct ResNet share the layout)."""
+    shortcut = cin * cout if stride != 1 or cin != cout else 0
+    return _bn(cin) + 9 * cin * cout + _bn(cout) + 9 * cout * cout + shortcut
+
+
+def parameter_count(p: object) -> int | None:
+    """The learnable parameters of a built-in model with params ``p``, by formula (no tensors are
+    made: exact, instant, and safe for absurd values); None for a params class it does not know."""
+    if isinstance(p, WRNParams):
+        n = (p.depth - 4) // 6
+        widths = [16, 16 * p.widen, 32 * p.widen, 64 * p.widen]
+        total, cin = 9 * p.channels * widths[0], widths[0]
+        for width, stride in zip(widths[1:], (1, 2, 2), strict=True):
+            total += _block(cin, width, stride) + (n - 1) * _block(width, width, 1)
+            cin = width
+        return total + _bn(cin) + cin * p.num_classes + p.num_classes
+    if isinstance(p, PreActResNet18Params):
+        total, cin = 9 * p.channels * 64, 64
+        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            total += _block(cin, width, stride) + _block(width, width, 1)
+            cin = width
+        return total + _bn(cin) + cin * p.num_classes + p.num_classes
+    if isinstance(p, SmallCNNParams):
+        w = p.width
+        convs = 9 * (p.channels * w + w * 2 * w + 2 * w * 2 * w) + _bn(w) + 2 * _bn(2 * w)
+        return convs + 8 * w * p.hidden + p.hidden + p.hidden * p.num_classes + p.num_classes
+    if isinstance(p, MLPParams):
+        dims = [p.channels * p.size * p.size] + [p.hidden] * p.layers + [p.num_classes]
+        return sum(a * b + b for a, b in zip(dims[:-1], dims[1:], strict=True))
+    return None
 
 
 # --------------------------------------------------------------------------- registration
