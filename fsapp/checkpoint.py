@@ -851,6 +851,8 @@ def _check_counters(path: str | Path, state: dict[str, Any], steps_per_epoch: in
     if "world_size" in state and not (_is_int(state["world_size"]) and 1 <= state["world_size"] <= 1 << 20):
         raise UsageError(f"{where} field 'world_size' must be a positive integer, got {str(state['world_size'])[:40]}")
     for key, value in state.items():
+        if key == "config" and isinstance(value, dict):  # the resolved config tables, for --resume's check
+            continue
         if not (value is None or isinstance(value, (str, bool, int)) or _is_number(value)):
             raise UsageError(f"{where} field '{key}' must be a plain value, got {type(value).__name__}")
     epoch, step, global_step = state["epoch"], state["step"], state["global_step"]

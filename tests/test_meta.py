@@ -145,7 +145,8 @@ def test_every_flag_has_a_test_that_raises_it(flag_id):
 
 def _report_raising_every_flag():
     """A hand-made report whose numbers trigger every flag compute_flags knows (no model needed)."""
-    from fsapp.engine.evaluate import AttackRun, Report, ThreatModel
+    from fsapp.adversary import ThreatModel
+    from fsapp.engine.report import AttackRun, Report
 
     one = torch.ones(1, dtype=torch.bool)
     linf = ThreatModel("Linf", 0.1)
@@ -165,7 +166,9 @@ def _report_raising_every_flag():
         run("square", "square", {"eps": 0.1}, 0.0, access="score", loss="margin"),
     ]
     accuracy = {"clean": 1.0, **{r.key: acc for r, acc in runs}, "worst_case": 0.0}
-    return Report(1, accuracy, one, one, [r for r, _ in runs])
+    report = Report(1, accuracy, one, one, [r for r, _ in runs])
+    report.checks["non_finite"] = 1  # one clean output row held NaN
+    return report
 
 
 def test_every_flag_message_ends_with_where_to_read_more():

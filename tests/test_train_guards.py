@@ -125,10 +125,18 @@ def _poison_momentum(run: Path) -> None:
     save_file(tensors, str(run / "checkpoint.safetensors"), metadata=meta)
 
 
-def test_nan_momentum_skips_every_update_and_aborts(stopped, tmp_path):
+def test_nan_momentum_skips_every_update_and_aborts(stopped, tmp_path, monkeypatch):
+    """The second line of defence: a poisoned optimizer state that got past the checkpoint's
+    validation (patched out here; tests/test_hostile_checkpoints.py shows it refused there) makes
+    every update non-finite while the loss stays finite; each update is taken back and the run aborts."""
+    import fsapp.checkpoint
+
     run = tmp_path / "run"
     shutil.copytree(stopped, run)
     _poison_momentum(run)
+    with pytest.raises(UsageError, match="momentum_buffer' holds NaN"):
+        next(iter(train(resume=run)))
+    monkeypatch.setattr(fsapp.checkpoint, "_check_finite", lambda *args, **kwargs: None)
     checkpoint = (run / "checkpoint.safetensors").read_bytes()
     seen: list[ev.Event] = []
     with pytest.raises(TrainingAborted, match="run.max_bad_fraction") as info:

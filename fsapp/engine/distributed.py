@@ -93,9 +93,12 @@ def pick_device(name: str) -> torch.device:
     """The device called ``name``, checked once for every command: ``auto`` (CUDA when present,
     else the CPU), ``cpu``, ``cuda`` or ``cuda:N`` for a device that exists. Anything else (mps,
     tpu, ``cuda:x``, an empty name) is one line naming the valid choices."""
-    check_device_name(name)  # the spelling: one rule for every command and config key
-    match = _DEVICE.fullmatch(name)
     valid = ", ".join(valid_devices())
+    try:
+        check_device_name(name)  # the spelling: one rule for every command and config key
+    except UsageError:
+        raise UsageError(f"unknown device {name!r}; valid here: {valid}") from None
+    match = _DEVICE.fullmatch(name)
     if match is None:
         raise UsageError(f"unknown device {name!r}; valid here: {valid}")
     if name == "auto":
