@@ -133,6 +133,7 @@ class RunSection(_Section):
     max_bad_steps: int = ranged(10, 0, 10**9)
     max_bad_fraction: float = ranged(0.5, 0.0, 1.0, high_open=True)  # abort at an epoch end when more were skipped
     host_checks: Literal["auto", "every-step", "log-points"] = "auto"
+    trackers: tuple[str, ...] = ()  # tracker specs fed every event (tensorboard, csv, plugins'); numbers unchanged
 
     def check(self) -> None:
         check_run_name(self.name)

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fsapp import config as cfgmod
+from fsapp.app.seeds import seed_group_runs
 from fsapp.engine import events as ev
 from fsapp.engine.resume import RunFinished
 from fsapp.engine.rundir import Control
+from fsapp.engine.trackers import with_trackers
 from fsapp.errors import UsageError
 
-__all__ = ["RESUME_KEYS", "RunFinished", "TrainRequest", "train_command", "train_events"]
+__all__ = ["RESUME_KEYS", "RunFinished", "TrainRequest", "seed_group", "train_command", "train_events"]
 
 RESUME_KEYS = ("schedule.epochs",)
 """Keys ``--set`` may change when a run is resumed (training longer)."""
@@ -37,6 +39,19 @@ class TrainRequest:
     run_dir: Path | None = None
     resume: Path | None = None
     download: bool = False
+    trackers: tuple[str, ...] = ()
+    """Tracker specs besides the config's ``run.trackers`` (they never change a number)."""
+
+
+def seed_group(request: TrainRequest, seeds: int) -> list[TrainRequest]:
+    """``--seeds N``: one request per seed (``run.seed``, ``run.seed + 1``, ...), runs named
+    ``<name>-s<seed>`` under ``run.runs_dir``, so ``fsapp report`` groups them as mean +- std."""
+    if request.resume is not None or request.run_dir is not None:
+        raise UsageError("--seeds makes one run per seed under run.runs_dir; drop --resume and --run-dir")
+    tables, _ = cfgmod.load_tables(request.config or request.preset)
+    tables = cfgmod.apply_overrides(tables, list(request.overrides))
+    return [replace(request, overrides=request.overrides + (f"run.seed={t['run']['seed']}", f"run.name={name}"))
+            for name, t in seed_group_runs(tables, seeds)]
 
 
 def train_events(request: TrainRequest, control: Control | None = None) -> Iterator[ev.Event]:
@@ -49,12 +64,25 @@ def train_events(request: TrainRequest, control: Control | None = None) -> Itera
         if request.config or request.preset or request.download:
             raise UsageError("--resume continues a run with its own config.toml; drop the config, --preset "
                              "and --download")
-        return train(resume=request.resume, control=control, extend_epochs=resume_epochs(request.overrides))
+        extend = resume_epochs(request.overrides)
+        specs = _config_trackers(request.resume) + request.trackers
+        return with_trackers(train(resume=request.resume, control=control, extend_epochs=extend), specs)
     overrides = list(request.overrides)
     source = request.config or request.preset
     if request.download:
         overrides.append(_download_override(source, overrides))
-    return train(cfgmod.load(source, overrides), run_dir=request.run_dir, control=control)
+    cfg = cfgmod.load(source, overrides)
+    specs = tuple(cfg.run.trackers) + request.trackers
+    return with_trackers(train(cfg, run_dir=request.run_dir, control=control), specs)
+
+
+def _config_trackers(run_dir: Path) -> tuple[str, ...]:
+    """The ``run.trackers`` of a run's own ``config.toml`` (none when it cannot be read: the
+    engine's resume checks say why)."""
+    try:
+        return tuple(cfgmod.load(run_dir / "config.toml").run.trackers)
+    except (UsageError, OSError):
+        return ()
 
 
 def resume_epochs(overrides: tuple[str, ...] | list[str]) -> int | None:

@@ -139,14 +139,26 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory with its own "
                                           "config.toml (refused if that was edited; a finished run is left as is)."),
     download: bool = typer.Option(False, "--download", help="Let dataset loaders download (network needed)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the final line."),
+    tracker: list[str] = typer.Option([], "--tracker", help="Also feed every event to this tracker "
+                                      "(tensorboard, csv or a plugin's; repeatable); adds to run.trackers."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="Train N runs of one group, seeds run.seed .. "
+                                        "run.seed+N-1, named <name>-s<seed> (fsapp report shows mean +- std)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only one summary line per run (grep-friendly)."),
 ) -> None:
     """Train a model (Feature Scattering on the embedded digits by default)."""
-    from fsapp.app.trainjob import RunFinished, TrainRequest, train_events
-    from fsapp.cli.render import TrainRenderer
+    from fsapp.app.trainjob import TrainRequest, seed_group
+
+    request = TrainRequest(config, preset, tuple(set_), run_dir, resume, download, tuple(tracker))
+    for one in seed_group(request, seeds) if seeds is not None else [request]:
+        _train_one(one, quiet)
+
+
+def _train_one(request: Any, quiet: bool) -> None:
+    """Run one train job, rendering its events (or its one summary line with ``-q``)."""
+    from fsapp.app.trainjob import RunFinished, train_events
+    from fsapp.cli.render import TrainRenderer, summary_line
     from fsapp.engine.rundir import Control
 
-    request = TrainRequest(config, preset, tuple(set_), run_dir, resume, download)
     control = Control.new()
     events = train_events(request, control)
 
@@ -170,9 +182,14 @@ def train(
         if quiet:
             from fsapp.engine import events as ev
 
+            last_eval = None
             for event in events:
-                if isinstance(event, ev.Finished):
-                    console.print(f"model: {event.model_path}", markup=False, highlight=False, soft_wrap=True)
+                if isinstance(event, ev.EvalResult):
+                    last_eval = event
+                elif isinstance(event, ev.Warning):
+                    err_console.print(f"warning: {event.message}", markup=False, highlight=False, soft_wrap=True)
+                elif isinstance(event, ev.Finished):
+                    console.print(summary_line(event, last_eval), markup=False, highlight=False, soft_wrap=True)
         else:
             with TrainRenderer(console) as renderer:
                 for event in events:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -112,3 +113,20 @@ class TrainRenderer:
             state = "stopped; resume with --resume " + event.run_dir if event.stopped else "finished"
             p.console.print(Text.assemble(literal(state, "bold green"), f" in {event.seconds:.0f}s; model: ",
                                           literal(event.model_path, "cyan")))
+
+
+def summary_line(finished: ev.Finished, last_eval: ev.EvalResult | None) -> str:
+    """``-q``'s one line: the run, how it ended, the last evaluation's accuracies, the model file.
+
+    ``run R | finished | epoch 8 | clean 98.3% | pgd:steps=20 42.8% | ... | worst 33.9% | model PATH``
+    """
+    parts = [f"run {Path(finished.run_dir).name}", "stopped" if finished.stopped else "finished"]
+    if last_eval is not None:
+        parts.append(f"epoch {last_eval.epoch + 1}")
+        for key, value in last_eval.accuracy.items():
+            label = "worst" if key == "worst_case" else key
+            parts.append(f"{label} {100 * value:.1f}%")
+        if last_eval.gap is not None:
+            parts.append(f"gap {100 * last_eval.gap:+.1f}")
+    parts.append(f"model {finished.model_path}")
+    return " | ".join(parts)
