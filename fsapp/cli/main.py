@@ -186,8 +186,6 @@ def _train_one(request: Any, quiet: bool) -> None:
             for event in events:
                 if isinstance(event, ev.EvalResult):
                     last_eval = event
-                elif isinstance(event, ev.Warning):
-                    err_console.print(f"warning: {event.message}", markup=False, highlight=False, soft_wrap=True)
                 elif isinstance(event, ev.Finished):
                     console.print(summary_line(event, last_eval), markup=False, highlight=False, soft_wrap=True)
         else:
