@@ -43,8 +43,12 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch.nn.modules import module as nn_module
 
-from fsapp.errors import FsappError, UsageError
+from fsapp._version import __version__
+from fsapp.builtins.models import parameter_count
+from fsapp.errors import FsappError, PluginError, UsageError
+from fsapp.registry import make_params
 
 MODEL_FORMAT = "fsapp-model"
 CHECKPOINT_FORMAT = "fsapp-checkpoint"
@@ -398,7 +402,6 @@ def model_metadata(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Metadata for :func:`save_model` from a model spec (params include the dataset fields)."""
-    from fsapp._version import __version__
 
     meta = {
         "format": MODEL_FORMAT,
@@ -551,7 +554,6 @@ class _TooManyParts(Exception):
 @contextmanager
 def _registration_bound(max_modules: int, max_tensors: int) -> Iterator[None]:
     """Abort a model's construction as soon as it registers too many modules or tensors."""
-    from torch.nn.modules import module as nn_module
 
     counts = {"modules": 0, "tensors": 0}
 
@@ -577,7 +579,6 @@ def _registration_bound(max_modules: int, max_tensors: int) -> Iterator[None]:
 def model_params_for(name: str, params: dict[str, Any]) -> Any:
     """The model's parameter dataclass from raw values: coerced and range-checked (one line)."""
     from fsapp.plugins import get_registry
-    from fsapp.registry import make_params
 
     registry = get_registry()
     if name not in registry.names("model"):
@@ -608,7 +609,6 @@ def estimate_parameters(name: str, params: dict[str, Any], *, max_parts: int = 1
     are counted by formula; others are built on the meta device, aborted past ``max_parts``
     registered modules or tensors.
     """
-    from fsapp.builtins.models import parameter_count
 
     instance = model_params_for(name, params)
     count = parameter_count(instance)
@@ -656,7 +656,6 @@ def describe_model(path: str | Path, meta: dict[str, Any], box: Container) -> di
     refused, saying the estimate), then a build on the meta device bounded by the file's tensor
     count. Comparing the result with the header (:func:`check_tensors_match`) then guarantees the
     real model allocates exactly what the file holds."""
-    from fsapp.builtins.models import parameter_count
     from fsapp.plugins import get_registry
 
     name = meta["model"]
@@ -743,7 +742,6 @@ def load_model_file_digest(path: str | Path, device: str | torch.device = "cpu",
                            ) -> tuple[torch.nn.Module, dict[str, Any], str]:
     """:func:`load_model_file` plus the SHA-256 of the bytes the weights came from (the file is
     read once: a file replaced meanwhile cannot lend its hash to these weights)."""
-    from fsapp.errors import PluginError
     from fsapp.plugins import get_registry
 
     with open_safetensors(path, "model file") as box:

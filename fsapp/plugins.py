@@ -35,6 +35,7 @@ from typing import Any
 import pluggy
 
 from fsapp import hookspecs
+from fsapp._version import __version__
 from fsapp.errors import FsappError, PluginError, UsageError, plugin_failure
 from fsapp.registry import HOOKS, KINDS, Component, ModelParams, NoParams, Spec, parse_spec
 
@@ -217,7 +218,6 @@ def load_registry(strict: bool | None = None) -> Registry:
         registry.warnings.append(message)
         log.warning("fsapp: %s", message)
 
-    from fsapp._version import __version__
 
     for modname in BUILTIN_MODULES:
         module = importlib.import_module(modname)

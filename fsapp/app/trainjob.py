@@ -20,6 +20,7 @@ from fsapp.engine import events as ev
 from fsapp.engine.resume import RunFinished
 from fsapp.engine.rundir import Control
 from fsapp.engine.trackers import with_trackers
+from fsapp.engine.train import train
 from fsapp.errors import UsageError
 
 __all__ = ["RESUME_KEYS", "RunFinished", "TrainRequest", "seed_group", "train_command", "train_events"]
@@ -56,8 +57,6 @@ def seed_group(request: TrainRequest, seeds: int) -> list[TrainRequest]:
 
 def train_events(request: TrainRequest, control: Control | None = None) -> Iterator[ev.Event]:
     """Check the request and return the run's events (training starts when they are read)."""
-    from fsapp.engine.train import train
-
     if request.config and request.preset:
         raise UsageError("give either a config (preset or TOML file) or --preset, not both")
     if request.resume is not None:

@@ -18,6 +18,9 @@ from typing import Any
 
 import torch
 
+from fsapp.checkpoint import atomic_write_bytes
+from fsapp.engine.evaluate import evaluate
+from fsapp.engine.flags import curve_flags
 from fsapp.errors import UsageError
 from fsapp.registry import Spec, parse_float, parse_spec
 
@@ -96,8 +99,6 @@ def run_sweep(
 
     ``on_point(i, value)`` is called before each point (the CLI uses it to label progress).
     """
-    from fsapp.engine.evaluate import evaluate
-    from fsapp.engine.flags import curve_flags
 
     t0 = time.perf_counter()
     applicable = [s for s in specs if sweep_spec(s, key, values[0]) is not None]
@@ -149,7 +150,6 @@ def save_png(sweep: dict[str, Any], path: str | Path, title: str = "") -> Path:
         from matplotlib.figure import Figure
     except ImportError:
         raise UsageError("the PNG needs matplotlib: pip install 'fsapp[plots]'") from None
-    from fsapp.checkpoint import atomic_write_bytes
 
     values = sweep["values"]
     xs = [v * 255 for v in values] if sweep["key"] == "eps" else values
