@@ -1,9 +1,9 @@
 """Losses: label-smoothed and soft-label cross-entropy, CW margin, OT cost matrix, TRADES's KL
 term, and the outer loss of every training method (:class:`OuterLoss`).
 
-Conventions follow the authors' reference code (see REFERENCE.md): label smoothing with factor
-``d`` gives the true class ``1 - d`` and every other class ``d / (K - 1)``, which equals PyTorch's
-``label_smoothing = d * K / (K - 1)`` (NOT ``d``).
+Conventions follow the authors' reference code (see docs/ALGORITHM.md#label-smoothing): label
+smoothing with factor ``d`` gives the true class ``1 - d`` and every other class ``d / (K - 1)``,
+which equals PyTorch's ``label_smoothing = d * K / (K - 1)`` (NOT ``d``).
 """
 
 from __future__ import annotations

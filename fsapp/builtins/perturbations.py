@@ -11,7 +11,7 @@ The shared vocabulary (``eval_mode``, ``input_grad_mode``, ``random_start``, the
 :class:`~fsapp.adversary.ThreatModel`) lives in :mod:`fsapp.adversary`; the first three are
 importable from here too.
 
-``feature-scatter`` is the lean form of the reference step (REFERENCE.md): one clean forward
+``feature-scatter`` is the lean form of the reference step (docs/ALGORITHM.md): one clean forward
 without gradient, one random start drawn as a single ``torch.empty_like(x).uniform_(-eps, eps)``
 from the default generator, then per step one forward/backward w.r.t. the input of the feature
 scattering loss ``sum(T * C)`` with the plan ``T`` of the configured solver.
