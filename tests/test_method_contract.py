@@ -13,10 +13,14 @@ import torch.nn.functional as F
 from _shared import TinyNet
 
 import fsapp
+from fsapp.checkpoint import read_safetensors
 from fsapp.config import load
+from fsapp.engine import events as ev
 from fsapp.engine.guard import GuardedPerturbation
 from fsapp.engine.plan import make_optimizer, plan_run
+from fsapp.engine.rundir import Control
 from fsapp.engine.step import training_step
+from fsapp.engine.train import train
 from fsapp.errors import PluginError, UsageError
 from fsapp.losses import OuterLoss, smoothed_targets, soft_label_cross_entropy
 from fsapp.method import Adversarial, as_adversarial
@@ -154,7 +158,7 @@ def soft_plugin(install_plugin, fresh_registry, monkeypatch):
 
 def test_a_plugin_perturbation_with_targets_trains_end_to_end(soft_plugin, tiny_digits_config, tmp_path):
     tables = tiny_digits_config(tmp_path, method__perturbation="soft-labels", eval__n=0)
-    events = list(fsapp.train(tables))
+    events = list(train(tables))
     run = Path(events[-1].model_path).parent
     warnings = [json.loads(line)["message"] for line in (run / "metrics.jsonl").read_text().splitlines()
                 if json.loads(line)["event"] == "Warning"]
@@ -180,3 +184,24 @@ def test_weight_decay_on_weights_leaves_biases_and_batchnorm_alone():
             assert torch.equal(p, before[name]), name
     everything = make_optimizer(model, load("demo").optim)
     assert len(everything.param_groups) == 1 and everything.param_groups[0]["weight_decay"] == 2e-4
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("method", [
+    {"method__perturbation": "bilateral", "optim__weight_decay_on": "weights"},
+    {"method__perturbation": "trades", "method__loss": "trades", "method__steps": 2, "method__step_size": 0.1},
+])
+def test_new_methods_resume_bit_identical(tmp_path, tiny_digits_config, method):
+    tables = tiny_digits_config(tmp_path, run__log_every=1, run__checkpoint_every=2, eval__n=0, **method)
+    list(train(tables, run_dir=tmp_path / "full"))
+    control = Control.new()
+    for event in train(tables, run_dir=tmp_path / "part", control=control):
+        if isinstance(event, ev.StepEnd) and event.global_step >= 3:
+            control.stop.set()
+    events = list(train(resume=tmp_path / "part"))
+    assert events[0].resumed and events[-1].stopped is False
+    a = read_safetensors(tmp_path / "full" / "model.safetensors")[0]
+    b = read_safetensors(tmp_path / "part" / "model.safetensors")[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
