@@ -167,7 +167,8 @@ class ModelSection(_Section):
 @dataclass
 class MethodSection(_Section):
     """The training method: a perturbation scheme, its budget, a solver and the outer loss.
-    Budgets are in [0, 1] pixel units (8/255 is the usual CIFAR eps)."""
+    Budgets are in [0, 1] pixel units (8/255 is the usual CIFAR eps). ``trades_beta`` weighs the KL
+    term of the ``trades`` loss."""
 
     TABLE: ClassVar[str] = "method"
     perturbation: str = "feature-scatter"
@@ -175,19 +176,23 @@ class MethodSection(_Section):
     epsilon: float = ranged(EPS8, 0, 1)
     step_size: float = ranged(EPS8, 0, 1)
     steps: int = ranged(1, 1, 10000)
-    loss: Literal["soft-ce", "ce"] = "soft-ce"
+    loss: Literal["soft-ce", "ce", "trades"] = "soft-ce"
     label_smoothing: float = ranged(0.5, 0, 1, high_open=True)
+    trades_beta: float = ranged(6.0, 0, 1e6)
 
 
 @dataclass
 class OptimSection(_Section):
-    """SGD with momentum and weight decay on all parameters."""
+    """SGD with momentum and weight decay, on all parameters (``weight_decay_on = "all"``) or on
+    the weights of convolutions and linear layers only (``"weights"``: every parameter with two or
+    more dimensions; biases and BatchNorm's scale and shift are not decayed)."""
 
     TABLE: ClassVar[str] = "optim"
     lr: float = ranged(0.1, 0, 10, low_open=True)
     momentum: float = ranged(0.9, 0, 1, high_open=True)
     weight_decay: float = ranged(2e-4, 0, 1)
     nesterov: bool = False
+    weight_decay_on: Literal["all", "weights"] = "all"
 
 
 @dataclass
@@ -322,6 +327,38 @@ def _cifar_baseline(perturbation: str, steps: int, loss: str) -> dict[str, dict[
     return preset
 
 
+def _bilateral_cifar10() -> dict[str, dict[str, Any]]:
+    """The official Bilateral script (train.sh): WRN-28-10, batch 128, one targeted step of 8/255
+    from a random start, adversarial labels (beta 9), weight decay on conv/linear weights only,
+    201 epochs with lr x0.1 at epochs 100 and 150."""
+    preset = _cifar_baseline("bilateral", 1, "soft-ce")
+    preset["method"].update({"step_size": EPS8, "label_smoothing": 0.0})
+    preset["perturbation"] = {"random_start": True, "labels": "la", "beta": 9.0, "gamma": 0.01}
+    preset["optim"]["weight_decay_on"] = "weights"
+    preset["schedule"] = {"epochs": 201, "milestones": [100, 150], "gamma": 0.1}
+    return preset
+
+
+def _trades_cifar10() -> dict[str, dict[str, Any]]:
+    """The official TRADES script (train_trades_cifar10.py): WRN-34-10, batch 128, KL-PGD-10
+    (eps 0.031, step 0.007), beta 6, 76 epochs with lr x0.1 from its 75th epoch (index 74)."""
+    preset = _cifar_baseline("trades", 10, "trades")
+    preset["model"]["depth"] = 34
+    preset["method"].update({"epsilon": 0.031, "step_size": 0.007, "trades_beta": 6.0})
+    preset["perturbation"] = {"start_std": 0.001}
+    preset["schedule"] = {"epochs": 76, "milestones": [74], "gamma": 0.1}
+    return preset
+
+
+def _digits(method: dict[str, Any], perturbation: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A method at the demo's scale: digits, small-cnn, eps 0.2, 15 epochs."""
+    preset = copy.deepcopy(PRESETS["demo"])
+    preset["method"] = {"solver": "sinkhorn", "epsilon": 0.2, "step_size": 0.2, "steps": 1,
+                        "label_smoothing": 0.0, **method}
+    preset["perturbation"] = perturbation
+    return preset
+
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "demo": {
         "data": {"name": "digits", "batch_size": 60},
@@ -337,7 +374,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper-svhn": _paper("svhn", 0.01, "none"),
     "madry-cifar10": _cifar_baseline("supervised", 7, "ce"),
     "standard-cifar10": _cifar_baseline("none", 1, "ce"),
+    "bilateral-cifar10": _bilateral_cifar10(),
+    "trades-cifar10": _trades_cifar10(),
 }
+PRESETS["bilateral-digits"] = _digits({"perturbation": "bilateral", "loss": "soft-ce"}, {"labels": "la"})
+PRESETS["trades-digits"] = _digits({"perturbation": "trades", "loss": "trades", "step_size": 0.05, "steps": 10,
+                                    "trades_beta": 6.0}, {})
 PRESET_DESCRIPTIONS = {
     "demo": "Feature Scattering on the embedded digits with small-cnn (minutes on a CPU)",
     "paper-cifar10": "the paper's CIFAR-10 run: WRN-28-10, eps 8/255, faithful Sinkhorn, 200 epochs",
@@ -345,6 +387,13 @@ PRESET_DESCRIPTIONS = {
     "paper-svhn": "the paper's SVHN run (lr 0.01, no augmentation)",
     "madry-cifar10": "Madry PGD-7 adversarial training (step 2/255, cross-entropy), WRN-28-10",
     "standard-cifar10": "standard (clean) training, WRN-28-10",
+    "bilateral-cifar10": "Bilateral adversarial training as the official train.sh runs it (wjyouch/"
+    "bilateral-adversarial-training): WRN-28-10, one targeted step 8/255, adversarial labels beta 9, "
+    "201 epochs",
+    "trades-cifar10": "TRADES as the official train_trades_cifar10.py runs it (yaodongyu/TRADES): "
+    "WRN-34-10, KL-PGD-10 eps 0.031 step 0.007, beta 6, 76 epochs, lr x0.1 at epoch 75",
+    "bilateral-digits": "Bilateral adversarial training on the embedded digits with small-cnn, eps 0.2",
+    "trades-digits": "TRADES on the embedded digits with small-cnn, eps 0.2, KL-PGD-10 step 0.05",
 }
 
 

@@ -20,7 +20,9 @@ What each kind's factory must return:
   size, mean, std are filled from the dataset).
 - dataset: a :class:`fsapp.data.Dataset` (uint8 train/test tensors plus metadata).
 - solver: a callable ``solver(cost[B, B]) -> plan[B, B]`` for uniform marginals.
-- perturbation: a callable ``perturb(model, x, y) -> x_adv`` (training-time adversary).
+- perturbation: a callable ``perturb(model, x, y) -> x_adv`` (training-time adversary), or
+  ``-> (x_adv, targets)`` with soft labels ``targets`` [B, K] that replace the labels in the outer
+  loss (:mod:`fsapp.method`; Bilateral's adversarial labels are such targets).
 - attack: a callable ``attack(model, x, y) -> x_adv`` (evaluation-time adversary).
 - tracker: an object with ``on_event(event)`` and, optionally, ``open(run_dir, config)`` and
   ``close()`` (see :mod:`fsapp.engine.trackers`); it receives every training and evaluation event.
@@ -31,9 +33,9 @@ The attack and perturbation contract (what fsapp gives, what it expects, what it
   They are copies: editing them in place changes nothing fsapp measures (examples are checked
   against fsapp's own copy of the clean input).
 - Return a tensor of ``x``'s shape: the adversarial examples (any float dtype and device; fsapp
-  detaches it and moves it back). Anything else (None, a tuple, another shape) is an error that
-  names the component and its plugin; so is an exception raised while it runs (one line, no
-  traceback). A ``ValueError`` means "cannot run here" (too few classes, ...) and is reported as
+  detaches it and moves it back). Anything else (None, a tuple from an attack, another shape) is
+  an error that names the component and its plugin; so is an exception raised while it runs (one
+  line, no traceback). A ``ValueError`` means "cannot run here" (too few classes, ...) and is reported as
   such.
 - The model is yours to call, in any mode: its modes and buffers (BatchNorm running statistics)
   are saved before the call and restored after it. Use :func:`fsapp.adversary.eval_mode` and
@@ -53,7 +55,10 @@ The attack and perturbation contract (what fsapp gives, what it expects, what it
   ``(name, attack)``; the evaluator runs them with :func:`fsapp.adversary.cascade`, each on the
   points the previous ones left robust, and reports each stage.
 - A perturbation used in training is held to the same rules (copies in, modes and buffers
-  restored, output checked and projected into its ``epsilon`` ball, violations reported).
+  restored, output checked and projected into its ``epsilon`` ball, violations reported). It may
+  also return the pair ``(x_adv, targets)``: ``targets`` must be a float tensor [B, K] (else one
+  line names the plugin), and a row that is not finite, has a negative entry or does not sum to 1
+  is replaced by the one-hot label and counted with the violations.
 """
 
 from __future__ import annotations
@@ -85,7 +90,8 @@ def register_solvers(register: Register) -> None:
 
 @hookspec
 def register_perturbations(register: Register) -> None:
-    """Register training-time perturbation schemes ``perturb(model, x, y) -> x_adv``."""
+    """Register training-time perturbation schemes ``perturb(model, x, y) -> x_adv`` (or
+    ``(x_adv, targets)``, soft labels for the outer loss)."""
 
 
 @hookspec

@@ -21,7 +21,8 @@ def test_presets_resolve_and_paper_preset_is_faithful():
     assert t["method"]["steps"] == 1 and t["method"]["label_smoothing"] == 0.5
     assert t["solver"] == {"reg": 0.01, "max_iter": 100, "tol": 0.1, "mode": "faithful", "detach": False,
                            "device_stop": None}
-    assert t["optim"] == {"lr": 0.1, "momentum": 0.9, "weight_decay": 2e-4, "nesterov": False}
+    assert t["optim"] == {"lr": 0.1, "momentum": 0.9, "weight_decay": 2e-4, "nesterov": False,
+                          "weight_decay_on": "all"}
     assert t["schedule"]["epochs"] == 200 and list(t["schedule"]["milestones"]) == [60, 90]
     assert C.resolved_tables(C.preset("paper-svhn"))["optim"]["lr"] == 0.01
     madry = C.resolved_tables(C.preset("madry-cifar10"))

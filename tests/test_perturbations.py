@@ -17,6 +17,7 @@ from fsapp.builtins.perturbations import (
 )
 from fsapp.builtins.solvers import sinkhorn_faithful
 from fsapp.errors import UsageError
+from fsapp.method import as_adversarial
 from fsapp.plugins import load_registry
 
 EPS = 8 / 255
@@ -240,14 +241,14 @@ def test_every_perturbation_keeps_the_contract(monkeypatch):
         for p in model.parameters():
             p.grad = None
         model.fc.weight.grad = torch.ones_like(model.fc.weight)
-        out = perturb(model, x, y)
+        out = as_adversarial(perturb(model, x, y)).x  # the contract of fsapp.method
         assert_valid(out, x, params.get("epsilon", 0.0) if name != "none" else 0.0)
         assert model.training and model.conv.training and not model.bn.training, name
         assert torch.equal(model.bn.running_mean, stats), name  # eval mode: BN stats untouched
         assert torch.equal(model.fc.weight.grad, torch.ones_like(model.fc.weight)), name
         assert model.conv.weight.grad is None, name
         with torch.no_grad():  # callers under no_grad still get a real attack
-            out = perturb(model, x, y)
+            out = as_adversarial(perturb(model, x, y)).x
         assert_valid(out, x, params.get("epsilon", 0.0) if name != "none" else 0.0)
 
 

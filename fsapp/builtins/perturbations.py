@@ -1,4 +1,8 @@
-"""Training-time perturbations: ``perturb(model, x, y) -> x_adv``.
+"""Training-time perturbations: ``perturb(model, x, y) -> x_adv`` or ``(x_adv, targets)``.
+
+The second form carries soft labels for the outer loss (the contract of :mod:`fsapp.method`);
+``bilateral`` uses it. ``bilateral`` and ``trades`` live in :mod:`fsapp.builtins.methods` and are
+registered here with the others.
 
 Every perturbation puts the model in eval mode and restores each module's mode afterwards (also
 on exceptions), differentiates with respect to the input only (parameters' ``.grad`` are never
@@ -7,7 +11,7 @@ The shared vocabulary (``eval_mode``, ``input_grad_mode``, ``random_start``, the
 :class:`~fsapp.adversary.ThreatModel`) lives in :mod:`fsapp.adversary`; the first three are
 importable from here too.
 
-``feature-scatter`` is the lean form of the reference step (REFERENCE.md): one clean forward
+``feature-scatter`` is the lean form of the reference step (docs/ALGORITHM.md): one clean forward
 without gradient, one random start drawn as a single ``torch.empty_like(x).uniform_(-eps, eps)``
 from the default generator, then per step one forward/backward w.r.t. the input of the feature
 scattering loss ``sum(T * C)`` with the plan ``T`` of the configured solver.
@@ -25,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fsapp.adversary import eval_mode, input_grad_mode, linf, random_start
+from fsapp.builtins.methods import Bilateral, BilateralParams, Trades, TradesParams
 from fsapp.hookspecs import hookimpl
 from fsapp.losses import cost_matrix
 
@@ -277,6 +282,19 @@ def register_perturbations(register) -> None:  # noqa: ANN001 - the hook's regis
         Supervised,
         params=SupervisedParams,
         description="PGD on cross-entropy with the true labels (Madry et al. 2018)",
+    )
+    register(
+        "bilateral",
+        Bilateral,
+        params=BilateralParams,
+        description="one targeted step towards the most confusing class, with adversarial labels "
+        "(Wang & Zhang 2019)",
+    )
+    register(
+        "trades",
+        Trades,
+        params=TradesParams,
+        description="KL-PGD of TRADES (Zhang et al. 2019); train with method.loss=trades",
     )
     register(
         "random", RandomNoise, params=RandomParams, description="uniform noise in the eps-ball"

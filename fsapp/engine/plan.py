@@ -15,7 +15,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from fsapp.config import Config, resolved_tables
+import torch
+
+from fsapp.config import Config, OptimSection, resolved_tables
 from fsapp.losses import OuterLoss
 from fsapp.registry import Spec, format_value, make_params
 
@@ -86,6 +88,10 @@ class RunPlan:
         """Piecewise-constant learning rate: ``lr * gamma ** (milestones passed)``."""
         return lr_at(self.cfg, epoch)
 
+    def optimizer_for(self, model: torch.nn.Module) -> torch.optim.SGD:
+        """SGD over ``model``'s parameters as ``[optim]`` says (see :func:`make_optimizer`)."""
+        return make_optimizer(model, self.cfg.optim)
+
 
 def plan_run(cfg: Config) -> RunPlan:
     """Resolve ``cfg`` against the registry: every component's parameters checked once."""
@@ -100,7 +106,7 @@ def plan_run(cfg: Config) -> RunPlan:
         model=_part("model", cfg.model.name, cfg.extras.get("model", {})),
         solver=solver,
         perturbation=perturbation,
-        loss=OuterLoss(cfg.method.loss, cfg.method.label_smoothing),
+        loss=OuterLoss(cfg.method.loss, cfg.method.label_smoothing, cfg.method.trades_beta),
     )
 
 
@@ -117,6 +123,20 @@ def _perturbation_values(cfg: Config, solver: Part) -> dict[str, Any]:
         values["solver"] = solver.spec()
     values.update(cfg.extras.get("perturbation", {}))
     return values
+
+
+def make_optimizer(model: torch.nn.Module, optim: OptimSection) -> torch.optim.SGD:
+    """SGD with ``optim``'s settings. ``weight_decay_on = "all"``: one group, every parameter
+    decayed; ``"weights"``: two groups, the parameters with two or more dimensions (convolution
+    and linear weights) decayed, the others (biases, BatchNorm scale and shift) not."""
+    params = list(model.parameters())
+    groups: list[Any] = params
+    if optim.weight_decay_on == "weights":
+        groups = [group for group in ({"params": [p for p in params if p.dim() > 1]},
+                                      {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0})
+                  if group["params"]]
+    return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum,
+                           weight_decay=optim.weight_decay, nesterov=optim.nesterov)
 
 
 def lr_at(cfg: Config, epoch: int) -> float:

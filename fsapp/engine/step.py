@@ -9,6 +9,9 @@ import torch
 from torch import Tensor
 
 from fsapp.losses import OuterLoss
+from fsapp.method import Adversarial, as_adversarial
+
+Perturb = Callable[[torch.nn.Module, Tensor, Tensor], "Tensor | Adversarial | tuple[Tensor, Tensor]"]
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -21,7 +24,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 def training_step(
     net: torch.nn.Module,
-    perturb: Callable[[torch.nn.Module, Tensor, Tensor], Tensor],
+    perturb: Perturb,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     x: Tensor,
@@ -31,10 +34,12 @@ def training_step(
     *,
     sync: bool = True,
 ) -> tuple[Tensor, Tensor, bool | Tensor]:
-    """Perturb (eval mode), then one train-mode forward/backward and optimiser step.
+    """Perturb (eval mode), then the outer loss's train-mode forwards, backward and optimiser step.
 
-    ``loss`` is the outer loss by name (:class:`~fsapp.losses.OuterLoss`); a bare number is the
-    ``soft-ce`` smoothing. Returns ``(loss, logits, applied)``. A step is skipped entirely when its
+    ``perturb`` returns ``x_adv`` or ``(x_adv, targets)`` (the contract of :mod:`fsapp.method`);
+    ``loss`` is the outer loss by name (:class:`~fsapp.losses.OuterLoss`; a bare number is the
+    ``soft-ce`` smoothing), which runs the forwards it needs (``f(x_adv)``; ``f(x)`` too for
+    ``trades``). Returns ``(loss, logits of x_adv, applied)``. A step is skipped entirely when its
     loss is non-finite, or when its update would leave a parameter, an optimiser state tensor or a
     buffer non-finite (NaN momentum from a checkpoint, an overflowing learning rate): parameters,
     optimiser state and buffers (BatchNorm statistics) stay as they were and ``applied`` is False.
@@ -52,10 +57,9 @@ def training_step(
     buffers = list(net.buffers())
     saved = [b.detach().clone() for b in buffers]
     with autocast(x.device, precision):
-        x_adv = perturb(net, x, y)
+        adv = as_adversarial(perturb(net, x, y))
         net.train()
-        logits = net(x_adv)
-        value = criterion(logits, y)
+        value, logits = criterion.on_batch(net, x, adv, y)
     optimizer.zero_grad(set_to_none=True)
     loss_bad = ~torch.isfinite(value.detach())
     if sync:

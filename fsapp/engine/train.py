@@ -261,19 +261,19 @@ def _build(plan: RunPlan, run_path: Path, control: Control) -> Job:
     if dd.rank > 0:  # each rank's share of the batch gets its own random starts
         torch.manual_seed(cfg.run.seed + 7919 * dd.rank)
     net = ddp.wrap(torch.compile(model) if cfg.run.compile else model, dd)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    optimizer = plan.optimizer_for(model)
     scaler = torch.amp.GradScaler(dd.device.type, enabled=cfg.run.precision == "fp16")
-    return Job(plan, run_path, dd, control, dataset, model, net, _perturbation(plan), optimizer, scaler,
-               model_part.given)
+    return Job(plan, run_path, dd, control, dataset, model, net, _perturbation(plan, dataset.num_classes),
+               optimizer, scaler, model_part.given)
 
 
-def _perturbation(plan: RunPlan) -> Any:
-    """The training perturbation; a plugin's is guarded (eps-ball, [0, 1], finite)."""
+def _perturbation(plan: RunPlan, num_classes: int) -> Any:
+    """The training perturbation; a plugin's is guarded (eps-ball, [0, 1], finite; soft-label
+    targets [B, num_classes], finite, rows summing to 1)."""
     part = plan.perturbation
     perturb = part.build()
     if part.plugin != BUILTIN_PLUGIN:
-        perturb = GuardedPerturbation(perturb, part.given.get("epsilon"), part.name, part.plugin)
+        perturb = GuardedPerturbation(perturb, part.given.get("epsilon"), part.name, part.plugin, num_classes)
     return perturb
 
 
@@ -507,7 +507,8 @@ def _report(job: Job, prog: Progress, tally: Tally, epoch: int, step: int, lr: f
     if isinstance(perturb, GuardedPerturbation) and (n_bad := perturb.take_violations()):
         yield job.emit(ev.Warning(
             f"perturbation '{perturb.name}' from plugin '{perturb.plugin}' returned {n_bad} examples outside "
-            "the eps-ball, [0, 1] or non-finite; they were projected", prog.global_step), prog.kept)
+            "the eps-ball, [0, 1] or non-finite, or with invalid soft labels; they were projected (the labels "
+            "replaced by one-hot ones)", prog.global_step), prog.kept)
 
 
 def _serve_requests(job: Job, prog: Progress, epoch: int, step: int, last: bool, log_point: bool) -> Iterator[ev.Event]:
