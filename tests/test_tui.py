@@ -610,7 +610,7 @@ def test_names_paths_and_errors_are_never_markup(tmp_path):
         assert "[b]odd[i] [red" in labels and "plain" in labels
         await pilot.press("escape", "up", "enter")
         await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), "the dashboard")
-        assert str(app.screen.query_one("#title").render()).startswith("[b]odd[i] [red · ")
+        assert " · [b]odd[i] [red · " in str(app.screen.query_one("#title").render())
         app.push_screen(ConfirmScreen("Stop [b]odd[i] [red?"))
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen) and app.screen.query("#question"),
                        "the question")

@@ -36,3 +36,32 @@ def value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(value(x) for x in v) + "]"
     return str(v)
+
+
+def elide_middle(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters by replacing its middle with ``…`` (both ends are kept:
+    run names differ at the start, the time, and at the end, the method and dataset)."""
+    if width <= 0:
+        return ""
+    if len(text) <= width:
+        return text
+    if width == 1:
+        return "…"
+    head = (width - 1 + 1) // 2
+    tail = width - 1 - head
+    return text[:head] + "…" + (text[-tail:] if tail else "")
+
+
+def distinct_names(names: list[str], width: int) -> list[str]:
+    """Names shortened to ``width`` in the middle, dropping the part they all share first, so
+    that ``20240501-100000-feature-scatter-digits`` and ``20240501-100500-feature-scatter-digits``
+    stay told apart."""
+    if len(names) < 2 or all(len(n) <= width for n in names):
+        return [elide_middle(n, width) for n in names]
+    prefix = 0
+    shortest = min(len(n) for n in names)
+    while prefix < shortest and len({n[prefix] for n in names}) == 1:
+        prefix += 1
+    cut = max(0, prefix - 4)  # keep a little context before the first difference
+    trimmed = [("…" + n[cut:]) if cut > 1 else n for n in names]
+    return [elide_middle(n, width) for n in trimmed]

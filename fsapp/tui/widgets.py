@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -14,6 +15,7 @@ from textual_plotext import PlotextPlot
 
 from fsapp.engine import events as ev
 from fsapp.engine.flags import GAP_THRESHOLD
+from fsapp.tui.flagdocs import explanation
 from fsapp.tui.fmt import pct, signed_pct
 
 MAX_POINTS = 400
@@ -50,8 +52,8 @@ def fill_robustness(table: DataTable, results: Sequence[ev.EvalResult], steps_pe
     table.add_column("clean", key="clean")
     for spec in attacks:
         table.add_column(Text(spec), key=spec)
-    table.add_column("worst case", key="worst_case")
-    table.add_column("gap CE−margin", key="gap")
+    table.add_column("worst", key="worst_case")
+    table.add_column("gap", key="gap")
     table.add_column("flags", key="flags")
     for i, result in enumerate(results):
         later = results[i + 1].epoch if i + 1 < len(results) else None
@@ -84,33 +86,92 @@ def thin(xs: Sequence[float], ys: Sequence[float], limit: int = MAX_POINTS) -> t
     return [xs[i] for i in idx], [ys[i] for i in idx]
 
 
+# plotext colour -> the same colour in Rich (legends are drawn beside the plot, not on it)
+PALETTE = (("cyan+", "bright_cyan"), ("green+", "bright_green"), ("blue+", "bright_blue"), ("red+", "bright_red"),
+           ("magenta+", "bright_magenta"), ("yellow", "yellow"), ("cyan", "cyan"), ("green", "green"),
+           ("blue", "blue"), ("red", "red"), ("magenta", "magenta"))
+FIXED = {"train": 0, "clean": 1, "worst case": 5, "worst": 5, "gap": 4}
+
+
+@dataclass(frozen=True)
+class Series:
+    """One line of a plot: its label, points and (plotext, Rich) colours."""
+
+    label: str
+    xs: Sequence[float]
+    ys: Sequence[float]
+    color: str = ""
+    rich: str = ""
+
+
+def series_colors(series: Sequence[Series]) -> list[Series]:
+    """The series with fixed colours for the usual lines (train, clean, worst case, gap) and the
+    rest of the palette, in order, for the attacks."""
+    free = [i for i in range(len(PALETTE)) if i not in FIXED.values()]
+    out = []
+    for s in series:
+        i = FIXED.get(s.label)
+        if i is None:
+            i = free.pop(0) if free else 0
+        out.append(replace(s, color=PALETTE[i][0], rich=PALETTE[i][1]))
+    return out
+
+
+def legend(series: Sequence[Series]) -> Text:
+    """``━ label`` for each drawn series, in its colour (one line under the plots, wrapping)."""
+    parts = [Text.assemble(("━━ ", s.rich or "default"), s.label) for s in series if s.xs]
+    return Text("  ").join(parts)
+
+
 def draw(
     plot: PlotextPlot,
     title: str,
-    series: Sequence[tuple[str, Sequence[float], Sequence[float]]],
+    series: Sequence[Series | tuple[str, Sequence[float], Sequence[float]]],
     xlabel: str = "",
     ylim: tuple[float, float] | None = None,
     integer_x: bool = False,
+    log_y: bool = False,
+    labels: bool = False,
 ) -> None:
-    """Redraw ``plot`` with labelled line series (series with no points are skipped);
-    ``integer_x`` puts ticks on whole numbers (epochs)."""
+    """Redraw ``plot`` with line series (series with no points are skipped; NaN points dropped);
+    ``integer_x`` puts ticks on whole numbers (epochs), ``log_y`` uses a log axis, ``labels`` draws
+    plotext's own legend (else the caller shows :func:`legend` beside the plot)."""
     plt = plot.plt
     plt.clear_figure()
     plt.title(title)
     if xlabel:
         plt.xlabel(xlabel)
-    drawn = False
-    for label, xs, ys in series:
-        if not xs:
+    drawn: list[float] = []
+    for item in series:
+        s = item if isinstance(item, Series) else Series(*item)
+        points = [(x, y) for x, y in zip(s.xs, s.ys, strict=False) if y == y]
+        if not points:
             continue
-        x, y = thin(xs, ys)
-        plt.plot(x, y, label=label, marker="braille" if len(x) > 1 else "dot")
-        drawn = True
-    if ylim is not None and drawn:
+        x, y = thin([p[0] for p in points], [p[1] for p in points])
+        options: dict[str, object] = {"marker": "braille" if len(x) > 1 else "dot"}
+        if s.color:
+            options["color"] = s.color
+        if labels or not s.color:
+            options["label"] = s.label
+        plt.plot(x, y, **options)
+        drawn += x
+    if log_y and drawn:
+        plt.yscale("log")
+    if ylim is not None and drawn and not log_y:
         plt.ylim(*ylim)
     if integer_x and drawn:
-        plt.xticks(nice_ticks(int(max(max(xs) for _, xs, _ in series if xs))))
+        plt.xticks(nice_ticks(int(max(drawn))))
     plot.refresh()
+
+
+def flag_lines(flags: Sequence[dict[str, str]]) -> list[Text]:
+    """Each flag: its id and message, then what docs/EVALUATION.md says about it."""
+    out = []
+    for f in flags:
+        fid = str(f.get("id", "?"))
+        out.append(Text.assemble((f"⚑ {fid}", "bold red"), f": {f.get('message', '')}\n",
+                                 (explanation(fid), "dim")))
+    return out
 
 
 class Field(Horizontal):
