@@ -52,16 +52,36 @@ def elide_middle(text: str, width: int) -> str:
     return text[:head] + "…" + (text[-tail:] if tail else "")
 
 
+def _common(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def elide_keeping(text: str, width: int, keep: int) -> str:
+    """``text`` cut to ``width`` in the middle, keeping at least its first ``keep`` characters
+    (and a few of its last) where the width allows."""
+    if len(text) <= width:
+        return text
+    if width < 2:
+        return "…"[:width]
+    head = max((width - 1 + 1) // 2, min(keep, width - 4))
+    tail = width - 1 - head
+    return text[:head] + "…" + (text[-tail:] if tail > 0 else "")
+
+
 def distinct_names(names: list[str], width: int) -> list[str]:
-    """Names shortened to ``width`` in the middle, dropping the part they all share first, so
-    that ``20240501-100000-feature-scatter-digits`` and ``20240501-100500-feature-scatter-digits``
-    stay told apart."""
-    if len(names) < 2 or all(len(n) <= width for n in names):
-        return [elide_middle(n, width) for n in names]
-    prefix = 0
-    shortest = min(len(n) for n in names)
-    while prefix < shortest and len({n[prefix] for n in names}) == 1:
-        prefix += 1
-    cut = max(0, prefix - 4)  # keep a little context before the first difference
-    trimmed = [("…" + n[cut:]) if cut > 1 else n for n in names]
-    return [elide_middle(n, width) for n in trimmed]
+    """Names shortened to ``width`` so that they stay told apart: each keeps the place where it
+    first differs from the most similar other name (``…1-10002-…gits`` for
+    ``20240501-10002-feature-scatter-digits`` beside ``20240501-10001-...``), and its end."""
+    out = []
+    for i, name in enumerate(names):
+        if len(name) <= width:
+            out.append(name)
+            continue
+        d = max((_common(name, o) for j, o in enumerate(names) if j != i), default=0)
+        start = d - 6 if d > 8 else 0
+        text = "…" + name[start:] if start else name
+        out.append(elide_keeping(text, width, d - start + (1 if start else 0) + 2))
+    return out

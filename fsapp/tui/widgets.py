@@ -47,23 +47,21 @@ def flags_text(flags: Sequence[dict[str, str]]) -> Text:
 def fill_robustness(table: DataTable, results: Sequence[ev.EvalResult], steps_per_epoch: int = 0) -> None:
     """(Re)fill ``table`` with one row per evaluation: clean, each attack, worst case, gap, flags."""
     attacks = attack_columns(results)
-    table.clear(columns=True)
-    table.add_column("epoch", key="epoch")
-    table.add_column("clean", key="clean")
-    for spec in attacks:
-        table.add_column(Text(spec), key=spec)
-    table.add_column("worst", key="worst_case")
-    table.add_column("gap", key="gap")
-    table.add_column("flags", key="flags")
+    columns: list[tuple[object, str]] = [("epoch", "epoch"), ("clean", "clean")]
+    columns += [(Text(spec), spec) for spec in attacks]
+    columns += [("worst", "worst_case"), ("gap", "gap"), ("flags", "flags")]
+    rows = []
     for i, result in enumerate(results):
         later = results[i + 1].epoch if i + 1 < len(results) else None
         mid = later == result.epoch  # an "evaluate now" before the epoch's own evaluation
-        label = f"{result.epoch + 1}{'*' if mid else ''}"
+        split = getattr(result, "split", "test")
+        label = f"{result.epoch + 1}{'*' if mid else ''}{' val' if split == 'validation' else ''}"
         cells: list[object] = [label, pct(result.accuracy.get("clean"))]
         cells += [pct(result.accuracy.get(spec)) for spec in attacks]
         cells += [Text(pct(result.accuracy.get("worst_case")), style="bold"), gap_text(result.gap),
                   flags_text(result.flags)]
-        table.add_row(*cells, key=str(i))
+        rows.append(cells)
+    fill_table(table, columns, rows, keys=[str(i) for i in range(len(results))], cap=60)
     if results:
         table.move_cursor(row=len(results) - 1)
 
@@ -192,3 +190,23 @@ class Field(Horizontal):
     def compose(self) -> ComposeResult:
         yield Label(Text(self.label))
         yield self.widget
+
+
+def cell_width(cell: object) -> int:
+    """Terminal cells a table cell's text takes (its longest line)."""
+    text = cell if isinstance(cell, Text) else Text(str(cell))
+    return max((line.cell_len for line in text.split("\n")), default=0)
+
+
+def fill_table(table: DataTable, columns: Sequence[tuple[object, str]], rows: Sequence[Sequence[object]],
+               keys: Sequence[str] | None = None, cap: int | Sequence[int] = 40) -> None:
+    """Refill ``table`` with columns of fixed widths measured from their labels and cells (at most
+    ``cap``, one for all or one per column): the table never falls back to widths measured while
+    its screen was hidden."""
+    table.clear(columns=True)
+    caps = [cap] * len(columns) if isinstance(cap, int) else list(cap)
+    for i, (label, key) in enumerate(columns):
+        width = max([cell_width(label)] + [cell_width(r[i]) for r in rows if i < len(r)])
+        table.add_column(label if isinstance(label, Text) else Text(str(label)), key=key, width=min(width, caps[i]))
+    for j, row in enumerate(rows):
+        table.add_row(*row, key=keys[j] if keys is not None else None)

@@ -25,7 +25,7 @@ from textual_plotext import PlotextPlot
 from fsapp.app.jobs import Job, Jobs
 from fsapp.engine import events as ev
 from fsapp.engine.rundir import CHECKPOINT, METRICS, MODEL, RunState, RunTracker, run_status
-from fsapp.tui.fmt import duration, pct, value
+from fsapp.tui.fmt import duration, elide_middle, pct, value
 from fsapp.tui.messages import ControlRun, JobsChanged, OpenEvaluate, OpenReport, ResumeRun
 from fsapp.tui.reports import SavedReport, saved_reports
 from fsapp.tui.widgets import Series, draw, fill_robustness, flag_lines, legend, series_colors
@@ -223,9 +223,12 @@ class DashboardScreen(Screen[None]):
             self.shown_status = status
             self.refresh_bindings()
         device = s.started.device if s.started else "?"
-        title = Text.assemble((f"● {status}", STATUS_COLOR.get(status, "blue")), " · ", (self.path.name, "bold"),
-                              " · ", f"{method.get('perturbation', '?')}/{cfg.get('data', {}).get('name', '?')}/"
-                              f"{cfg.get('model', {}).get('name', '?')}", " · ", (str(device), "bold"))
+        what = (f"{method.get('perturbation', '?')}/{cfg.get('data', {}).get('name', '?')}/"
+                f"{cfg.get('model', {}).get('name', '?')}")
+        room = (self.size.width or self.app.size.width or 80) - 2 - len(f"● {status} ·  · {what} · {device}")
+        name = elide_middle(self.path.name, max(room, 16))
+        title = Text.assemble((f"● {status}", STATUS_COLOR.get(status, "blue")), " · ", (name, "bold"),
+                              " · ", what, " · ", (str(device), "bold"))
         job = self.job
         if status in ("failed", "killed") and job is not None and job.error:
             title.append(" · ")
