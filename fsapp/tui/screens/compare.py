@@ -129,7 +129,8 @@ class CompareScreen(Screen[None]):
         box.display = bool(warnings)
 
     def on_resize(self) -> None:
-        self.render_all()
+        if self.query("#compare-warnings"):
+            self.render_all()
 
     def status(self, tracker: RunTracker) -> Text:
         """The run's status; failed when its last training job started here failed."""

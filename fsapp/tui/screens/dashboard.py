@@ -120,6 +120,13 @@ class DashboardScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.sub_title = self.path.name
+        self.call_after_refresh(self.start)
+
+    def start(self) -> None:
+        """Fill the screen once its tabs are mounted, then follow the run."""
+        if not self.query("#report-table"):
+            self.call_after_refresh(self.start)
+            return
         table = self.query_one("#report-table", DataTable)
         for label, key in (("report", "file"), ("what", "kind"), ("n", "n"), ("eps", "eps"), ("clean", "clean"),
                            ("worst", "worst"), ("AutoAttack", "aa"), ("flags", "flags")):
@@ -157,6 +164,8 @@ class DashboardScreen(Screen[None]):
 
     def poll(self) -> None:
         """Redraw everything when the log grew, else only the header lines."""
+        if not self.query("#report-table"):
+            return
         if self.read():
             self.render_state()
         else:
