@@ -81,7 +81,8 @@ def distinct_names(names: list[str], width: int) -> list[str]:
             out.append(name)
             continue
         d = max((_common(name, o) for j, o in enumerate(names) if j != i), default=0)
-        start = d - 6 if d > 8 else 0
+        lead = 6 if width >= 18 else 2  # context kept before the first difference
+        start = d - lead if d > lead + 2 else 0
         text = "…" + name[start:] if start else name
         out.append(elide_keeping(text, width, d - start + (1 if start else 0) + 2))
     return out

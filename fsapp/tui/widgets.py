@@ -84,11 +84,12 @@ def thin(xs: Sequence[float], ys: Sequence[float], limit: int = MAX_POINTS) -> t
     return [xs[i] for i in idx], [ys[i] for i in idx]
 
 
-# plotext colour -> the same colour in Rich (legends are drawn beside the plot, not on it)
-PALETTE = (("cyan+", "bright_cyan"), ("green+", "bright_green"), ("blue+", "bright_blue"), ("red+", "bright_red"),
-           ("magenta+", "bright_magenta"), ("yellow", "yellow"), ("cyan", "cyan"), ("green", "green"),
-           ("blue", "blue"), ("red", "red"), ("magenta", "magenta"))
-FIXED = {"train": 0, "clean": 1, "worst case": 5, "worst": 5, "gap": 4}
+# RGB colours, given to plotext and to Rich alike (named ANSI colours are mapped differently by
+# the two), readable on the dark and the light theme; legends are drawn beside the plot, not on it
+RGB = ((128, 128, 128), (60, 180, 75), (70, 130, 255), (230, 60, 60), (170, 90, 230), (235, 140, 0),
+       (220, 0, 150), (0, 170, 170), (150, 110, 40), (90, 90, 200), (200, 170, 0))
+PALETTE = tuple((rgb, "rgb({},{},{})".format(*rgb)) for rgb in RGB)
+FIXED = {"train": 0, "clean": 1, "worst case": 5, "worst": 5, "gap": 6}
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class Series:
     label: str
     xs: Sequence[float]
     ys: Sequence[float]
-    color: str = ""
+    color: tuple[int, int, int] | None = None
     rich: str = ""
 
 

@@ -128,8 +128,8 @@ class DashboardScreen(Screen[None]):
             self.call_after_refresh(self.start)
             return
         table = self.query_one("#report-table", DataTable)
-        for label, key in (("report", "file"), ("what", "kind"), ("n", "n"), ("eps", "eps"), ("clean", "clean"),
-                           ("worst", "worst"), ("AutoAttack", "aa"), ("flags", "flags")):
+        for label, key in (("what", "kind"), ("n", "n"), ("eps", "eps"), ("clean", "clean"), ("worst", "worst"),
+                           ("AA", "aa"), ("flags", "flags"), ("file", "file")):
             table.add_column(label, key=key)
         self.read()
         self.render_state()
@@ -184,9 +184,9 @@ class DashboardScreen(Screen[None]):
         table = self.query_one("#report-table", DataTable)
         table.clear()
         for r in reports:
-            table.add_row(Text(r.path.name), Text(r.kind), str(r.n), value(r.eps), pct(r.clean),
-                          Text(pct(r.worst), style="bold"), pct(r.autoattack),
-                          Text(" ".join(r.flags) or "—", style="bold red" if r.flags else "dim"), key=str(r.path))
+            table.add_row(Text(r.kind), str(r.n), value(r.eps), pct(r.clean), Text(pct(r.worst), style="bold"),
+                          pct(r.autoattack), Text(" ".join(r.flags) or "—", style="bold red" if r.flags else "dim"),
+                          Text(r.path.stem), key=str(r.path))
         hint = ("enter opens the selected report · v evaluates the model file again" if reports else
                 "No saved reports yet: press v to evaluate the model file (suites, AutoAttack, sweeps); "
                 "the report is written to eval/ in this run's folder.")

@@ -63,13 +63,13 @@ class ReportScreen(Screen[None]):
         yield Static(id="report-head")
         with VerticalScroll(id="report-body"):
             yield DataTable(id="report-acc", zebra_stripes=True, cursor_type="row")
-            yield Static(id="report-flags")
             for i, _ in enumerate(self.data.get("sweeps") or []):
                 yield PlotextPlot(id=f"sweep-{i}", classes="report-plot")
                 yield Static(id=f"sweep-legend-{i}", classes="legend")
             if "landscape" in self.data:
                 yield PlotextPlot(id="landscape", classes="report-plot")
                 yield Static(id="landscape-legend", classes="legend")
+            yield Static(id="report-flags")
             yield Static(id="report-notes", classes="hint")
         yield Footer()
 
