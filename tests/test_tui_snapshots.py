@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_tui import fake_runs
+from test_tui import fake_run, fake_runs
+from test_tui_cockpit import fake_report
 from textual.screen import Screen
 from textual.widgets import Input
 
@@ -134,3 +135,80 @@ def test_help_screen(snap_compare, runs, size):
     from fsapp.tui.screens.help import HelpScreen
 
     assert snap_compare(FsappApp(runs), terminal_size=size, run_before=showing(HelpScreen))
+
+
+def six_runs(runs: Path) -> list[Path]:
+    """The three fake runs and three 30-epoch runs whose default names differ only in the middle."""
+    extra = [fake_run(runs, f"20240501-10000{i}-feature-scatter-digits", day=4 + i, epochs=30, done=30)
+             for i in range(3)]
+    return sorted(runs.iterdir()) if extra else []
+
+
+def test_runs_screen_six_runs(snap_compare, runs):
+    """Six runs at 80x24: names cut in the middle keep what tells them apart; the details pane."""
+    six_runs(runs)
+
+    async def settle(pilot) -> None:
+        for widget in pilot.app.screen.query(Input):
+            widget.cursor_blink = False
+        await pilot.pause()
+
+    assert snap_compare(FsappApp(runs), terminal_size=(80, 24), run_before=settle)
+
+
+def test_dashboard_thirty_epochs(snap_compare, runs):
+    """A 30-epoch run at 80x24: the pinned header, per-attack curves, the table scrolled to its end."""
+    from fsapp.tui.screens.dashboard import DashboardScreen
+
+    six_runs(runs)
+    assert snap_compare(FsappApp(runs), terminal_size=(80, 24), run_before=showing(
+        lambda: DashboardScreen(runs / "20240501-100002-feature-scatter-digits", Jobs()), "#robust"))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_dashboard_reports_tab(snap_compare, runs, size):
+    """The saved reports tab lists eval/*.json with their headline numbers."""
+    from fsapp.tui.screens.dashboard import DashboardScreen
+
+    fake_report(runs / "fs-digits", "20240501-120000.json")
+    fake_report(runs / "fs-digits", "20240502-120000.json", autoattack=True, sweep=False)
+
+    async def run_before(pilot) -> None:
+        await showing(lambda: DashboardScreen(runs / "fs-digits", Jobs()), "#report-table")(pilot)
+        await pilot.press("3")
+        await pilot.pause()
+
+    assert snap_compare(FsappApp(runs), terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_report_screen(snap_compare, runs, size):
+    """A saved report: accuracy per attack, the sweep's curves, the flag explained."""
+    from fsapp.tui.screens.report import ReportScreen
+
+    path = fake_report(runs / "fs-digits")
+    assert snap_compare(FsappApp(runs), terminal_size=size, run_before=showing(lambda: ReportScreen(path)))
+
+
+def test_compare_six_runs(snap_compare, runs):
+    """Six runs compared at 80x24: names told apart, last/best/report rows."""
+    from fsapp.tui.screens.compare import CompareScreen
+
+    paths = six_runs(runs)
+    assert snap_compare(FsappApp(runs), terminal_size=(80, 24),
+                        run_before=showing(lambda: CompareScreen(paths, Jobs())))
+
+
+def test_new_run_missing_data(snap_compare, runs):
+    """paper-cifar10 without the CIFAR files: the loader's message in the form, the dataset marked."""
+    from fsapp.tui.screens.newrun import NewRunScreen
+
+    async def run_before(pilot) -> None:
+        await showing(lambda: NewRunScreen(runs, preset="paper-cifar10"), "#param-solver-max_iter")(pilot)
+        for _ in range(200):
+            if pilot.app.screen.data_error:
+                break
+            await pilot.pause(0.02)
+        await pilot.pause()
+
+    assert snap_compare(FsappApp(runs), terminal_size=(80, 24), run_before=run_before)

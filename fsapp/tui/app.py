@@ -30,6 +30,7 @@ from fsapp.tui.screens.evaluate import EvaluateScreen
 from fsapp.tui.screens.help import HelpScreen
 from fsapp.tui.screens.newrun import NewRunScreen
 from fsapp.tui.screens.plugins import PluginsScreen
+from fsapp.tui.screens.report import ReportScreen
 from fsapp.tui.screens.runs import RunsScreen
 
 DARK, LIGHT = "textual-dark", "textual-light"
@@ -123,6 +124,9 @@ class FsappApp(App[None]):
     # -- requests from the screens -----------------------------------------------------------
     def on_open_run(self, message: msg.OpenRun) -> None:
         self.push_screen(self.dashboard(message.path))
+
+    def on_open_report(self, message: msg.OpenReport) -> None:
+        self.push_screen(ReportScreen(message.path))
 
     def on_open_evaluate(self, message: msg.OpenEvaluate) -> None:
         self.action_evaluate(message.model)

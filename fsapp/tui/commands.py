@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 
@@ -21,9 +22,13 @@ class FsappCommands(Provider):
             if listing is None:
                 continue
             prefix = "" if owner is self.app else "screen."
+            keys = {b.action: b.key_display or b.key.split(",")[0] for b in getattr(owner, "BINDINGS", [])
+                    if isinstance(b, Binding)}
             for title, help_text, action in listing():
                 target = action if "." in action else prefix + action
-                out.append((title, help_text, partial(self.app.run_action, target)))
+                key = keys.get(action) or keys.get(action.removeprefix("app."))
+                shown = f"{help_text} · key {key}" if key else help_text
+                out.append((title, shown, partial(self.app.run_action, target)))
         return out
 
     async def discover(self) -> Hits:

@@ -36,3 +36,53 @@ def value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(value(x) for x in v) + "]"
     return str(v)
+
+
+def elide_middle(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters by replacing its middle with ``…`` (both ends are kept:
+    run names differ at the start, the time, and at the end, the method and dataset)."""
+    if width <= 0:
+        return ""
+    if len(text) <= width:
+        return text
+    if width == 1:
+        return "…"
+    head = (width - 1 + 1) // 2
+    tail = width - 1 - head
+    return text[:head] + "…" + (text[-tail:] if tail else "")
+
+
+def _common(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def elide_keeping(text: str, width: int, keep: int) -> str:
+    """``text`` cut to ``width`` in the middle, keeping at least its first ``keep`` characters
+    (and a few of its last) where the width allows."""
+    if len(text) <= width:
+        return text
+    if width < 2:
+        return "…"[:width]
+    head = max((width - 1 + 1) // 2, min(keep, width - 4))
+    tail = width - 1 - head
+    return text[:head] + "…" + (text[-tail:] if tail > 0 else "")
+
+
+def distinct_names(names: list[str], width: int) -> list[str]:
+    """Names shortened to ``width`` so that they stay told apart: each keeps the place where it
+    first differs from the most similar other name (``…1-10002-…gits`` for
+    ``20240501-10002-feature-scatter-digits`` beside ``20240501-10001-...``), and its end."""
+    out = []
+    for i, name in enumerate(names):
+        if len(name) <= width:
+            out.append(name)
+            continue
+        d = max((_common(name, o) for j, o in enumerate(names) if j != i), default=0)
+        lead = 6 if width >= 18 else 2  # context kept before the first difference
+        start = d - lead if d > lead + 2 else 0
+        text = "…" + name[start:] if start else name
+        out.append(elide_keeping(text, width, d - start + (1 if start else 0) + 2))
+    return out

@@ -25,15 +25,23 @@ COMPONENTS: tuple[tuple[str, str, str], ...] = (
     ("solver", "solver", "method.solver"),
 )
 FIELDS: tuple[tuple[str, str, str], ...] = (
-    # (form id, label, section.key)
-    ("attacks", "attacks", "eval.attacks"),
+    # (form id, label, section.key): what researchers change first
     ("epsilon", "train eps", "method.epsilon"),
-    ("eval_eps", "eval eps", "eval.eps"),
-    ("eval_n", "eval samples", "eval.n"),
+    ("step_size", "train step", "method.step_size"),
+    ("loss", "loss", "method.loss"),
+    ("label_smoothing", "label smoothing", "method.label_smoothing"),
+    ("lr", "lr", "optim.lr"),
+    ("momentum", "momentum", "optim.momentum"),
+    ("weight_decay", "weight decay", "optim.weight_decay"),
     ("epochs", "epochs", "schedule.epochs"),
+    ("milestones", "lr milestones", "schedule.milestones"),
     ("batch_size", "batch size", "data.batch_size"),
     ("train_limit", "train limit", "data.train_limit"),
+    ("seed", "seed", "run.seed"),
     ("device", "device", "run.device"),
+    ("attacks", "eval attacks", "eval.attacks"),
+    ("eval_eps", "eval eps", "eval.eps"),
+    ("eval_n", "eval samples", "eval.n"),
     ("name", "run name", "run.name"),
 )
 MODEL_BASE = {"num_classes", "channels", "size", "mean", "std"}
@@ -111,7 +119,7 @@ def param_rows(kind: str, name: str, preset: str) -> list[ParamRow]:
         if kind == "model" and key in MODEL_BASE:
             continue
         if kind == "perturbation" and key in BUDGET:
-            if key in ("step_size", "steps"):
+            if key == "steps":
                 rows.append(ParamRow("method", key, row["type"], to_text(row["default"]),
                                      to_text(getattr(method, key))))
             continue

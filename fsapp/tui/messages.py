@@ -74,6 +74,14 @@ class StartEval(Message):
         self.ticket = ticket
 
 
+class OpenReport(Message):
+    """Show the saved evaluation report at ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+
 class MarksChanged(Message):
     """The runs marked for Compare."""
 

@@ -13,6 +13,7 @@ from fsapp.tui.screens.dashboard import DashboardScreen
 from fsapp.tui.screens.evaluate import EvaluateScreen
 from fsapp.tui.screens.newrun import NewRunScreen
 from fsapp.tui.screens.plugins import PluginsScreen
+from fsapp.tui.screens.report import ReportScreen
 from fsapp.tui.screens.runs import RunsScreen
 
 INTRO = """\
@@ -39,20 +40,23 @@ def _key(binding: Binding) -> str:
 
 
 def keys_markdown(title: str, screen: type[Screen[object]]) -> str:
-    """One line per screen: its shown bindings as ``key`` description pairs."""
-    items = [f"**{_key(b)}** {b.tooltip or b.description.lower()}" for b in screen.BINDINGS
-             if isinstance(b, Binding) and b.show and b.description]
-    return f"- **{title}**: " + " · ".join(items)
+    """A screen's keys as a Markdown table: every binding with a description (hidden ones too)."""
+    rows = [f"| **{_key(b)}** | {b.tooltip or b.description.lower()} |" for b in screen.BINDINGS
+            if isinstance(b, Binding) and b.description]
+    return f"## {title}\n\n| key | what it does |\n|---|---|\n" + "\n".join(rows) + "\n"
 
 
 def help_markdown() -> str:
     """The whole help text."""
-    screens = [("Runs", RunsScreen), ("Dashboard", DashboardScreen), ("New run", NewRunScreen),
-               ("Evaluate", EvaluateScreen), ("Compare", CompareScreen), ("Plugins", PluginsScreen)]
-    lines = [keys_markdown(title, cls) for title, cls in screens]
-    extra = ("- On the Runs screen **enter** opens a run. In the dashboard's robustness table a row "
-             "marked * comes from *evaluate now*; EVALUATION.md flags and a CE−margin gap above 5% are red.")
-    return INTRO + "\n" + "\n".join(lines + [extra]) + "\n" + OUTRO
+    screens = [("Runs", RunsScreen), ("Dashboard", DashboardScreen), ("Report", ReportScreen),
+               ("New run", NewRunScreen), ("Evaluate", EvaluateScreen), ("Compare", CompareScreen),
+               ("Plugins", PluginsScreen)]
+    tables = [keys_markdown(title, cls) for title, cls in screens]
+    extra = ("On the Runs screen **enter** opens a run and the pane under the table shows the selected run "
+             "in full. In the dashboard, keys the run's state does not allow (pause on a finished run) are "
+             "hidden; a robustness row marked * comes from *evaluate now*; flags and a CE−margin gap above "
+             "5% are red, and tab 2 explains each flag from docs/EVALUATION.md.")
+    return INTRO + "\n" + "\n".join(tables) + "\n" + extra + "\n" + OUTRO
 
 
 class HelpScreen(ModalScreen[None]):

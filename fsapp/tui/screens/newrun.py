@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -15,6 +15,7 @@ from textual.widgets import Button, Footer, Header, Input, Select, Static
 from fsapp.config import PRESET_DESCRIPTIONS, PRESETS, Config, resolved_tables, to_toml
 from fsapp.errors import FsappError
 from fsapp.tui import form
+from fsapp.tui.datacheck import data_problem
 from fsapp.tui.messages import StartRun
 from fsapp.tui.widgets import Field
 
@@ -25,6 +26,11 @@ HINTS = {
     "eval_n": "held-out samples evaluated after each epoch (0: none)",
     "train_limit": "0: every training sample",
     "device": "auto, cpu, cuda or cuda:N",
+    "step_size": "the perturbation's step, e.g. 8/255",
+    "loss": "soft-ce (the paper's, with label smoothing) or ce",
+    "label_smoothing": "0 <= s < 1 (soft-ce)",
+    "milestones": "epochs where lr is multiplied by gamma, e.g. [60, 90]",
+    "seed": "the run's seed (data order, init, attacks)",
     "name": "empty: <time>-<perturbation>-<dataset>",
 }
 
@@ -47,6 +53,8 @@ class NewRunScreen(Screen[None]):
         self.config: Config | None = None
         self.error = ""
         self._building = False
+        self.data_key = ""
+        self.data_error: str | None = None  # None: not known yet
 
     # -- layout --------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -133,11 +141,40 @@ class NewRunScreen(Screen[None]):
         self.error = ""
         self.mark_invalid("")
         cfg = self.config
+        key = f"{cfg.data.name} {sorted(cfg.extras.get('data', {}).items())}"
+        if key != self.data_key:
+            self.data_key, self.data_error = key, None
+            self.check_data(cfg, key)
+        self.show_valid()
+        return cfg
+
+    def show_valid(self) -> None:
+        """The validation line for a valid form: what would run, or why its data is missing."""
+        cfg = self.config
+        if cfg is None:
+            return
+        status = self.query_one("#status", Static)
+        bad = bool(self.data_error)
+        self.query_one("#dataset", Select).set_class(bad, "-invalid")
+        status.set_class(bad, "-error")
+        if bad:
+            status.update(Text(f"✗ {self.data_error}"))
+            return
+        data = "data: checking…" if self.data_error is None else "data found"
         status.update(Text(f"✓ valid: {cfg.method.perturbation} on {cfg.data.name} with {cfg.model.name}, "
                            f"{cfg.schedule.epochs} epochs, batch {cfg.data.batch_size}, "
-                           f"eval {len(cfg.eval.attacks)} attacks on {cfg.eval.n} samples"))
-        status.set_class(False, "-error")
-        return cfg
+                           f"eval {len(cfg.eval.attacks)} attacks on {cfg.eval.n} samples · {data}"))
+
+    @work(thread=True, group="datacheck", exclusive=True, exit_on_error=False)
+    def check_data(self, cfg: Config, key: str) -> None:
+        """Look for the dataset's files off the UI thread."""
+        problem = data_problem(cfg) or ""
+        self.app.call_from_thread(self.data_checked, key, problem)
+
+    def data_checked(self, key: str, problem: str) -> None:
+        if key == self.data_key:
+            self.data_error = problem
+            self.show_valid()
 
     def mark_invalid(self, message: str) -> None:
         """Flag the inputs that ``message`` names (``schedule.epochs``, ``[schedule]: epochs``...)."""
@@ -203,6 +240,13 @@ class NewRunScreen(Screen[None]):
         cfg = self.check()
         if cfg is None:
             self.notify(self.error, title="not started", severity="error", markup=False)
+            return
+        if self.data_error is None:  # not checked yet: the look at the files is quick
+            self.data_error = data_problem(cfg) or ""
+            self.show_valid()
+        if self.data_error:
+            self.notify(self.data_error, title="not started", severity="error", markup=False)
+            self.query_one("#dataset", Select).focus()
             return
         self.post_message(StartRun(cfg))
 

@@ -18,12 +18,13 @@ from textual.widgets import DataTable, Footer, Header, Input, Static
 
 from fsapp.app.jobs import Jobs
 from fsapp.engine.rundir import MODEL, RunIndex, RunSummary
-from fsapp.tui.fmt import pct
+from fsapp.tui.fmt import distinct_names, pct
 from fsapp.tui.messages import JobsChanged, MarksChanged, OpenEvaluate, OpenRun, ResumeRun
+from fsapp.tui.reports import saved_reports
 
 STATUS_STYLE = {"running": "bold green", "finished": "", "interrupted": "yellow", "failed": "bold red"}
 WIDE = 110
-NAME_WIDTH = 30
+MIN_NAME = 14
 
 
 class RunsScreen(Screen[None]):
@@ -55,6 +56,7 @@ class RunsScreen(Screen[None]):
         yield Input(placeholder="filter runs: name, method, dataset, model, status  (/)", id="filter",
                     compact=True)
         yield DataTable(id="runs", cursor_type="row", zebra_stripes=True)
+        yield Static(id="details")
         yield Static(id="hint")
         yield Footer()
 
@@ -94,30 +96,51 @@ class RunsScreen(Screen[None]):
         text = self.query_one("#filter", Input).value
         return [r for r in self.rows if r.matches(text)] if text.strip() else list(self.rows)
 
+    def widths(self, rows: list[RunSummary], wide: bool) -> dict[str, int]:
+        """Every column's width, fixed from the content and the terminal's width (never left to the
+        table: it measured columns as they were while the screen was hidden); the name takes the rest."""
+        def fit(key: str, label: str, texts: list[str], cap: int) -> int:
+            return min(max([len(label)] + [len(t) for t in texts]), cap)
+
+        out = {"method": fit("method", "method", [r.method for r in rows], 16)}
+        if wide:
+            out["dataset"] = fit("dataset", "dataset", [r.dataset for r in rows], 14)
+            out["model"] = fit("model", "model", [r.model for r in rows], 14)
+        out |= {"status": fit("status", "status", [r.status for r in rows], 11),
+                "epochs": fit("epochs", "epochs", [f"{r.epochs_done}/{r.epochs_total}" for r in rows], 11),
+                "best": len("best robust") if wide else 6, "when": 16 if wide else 11}
+        total = self.size.width or self.app.size.width or 80
+        spare = total - 2 - sum(w + 2 for w in out.values()) - 2 - 1  # cell padding, scrollbar
+        longest = max((len(r.name) + 2 for r in rows), default=6)
+        out["name"] = max(MIN_NAME, min(longest, spare))
+        return out
+
     def redraw(self, force: bool = False) -> None:
         table = self.query_one("#runs", DataTable)
         rows = self.visible()
-        wide = self.size.width >= WIDE
+        width = self.size.width or self.app.size.width
+        wide = width >= WIDE
         marks = self.marked
-        key = (wide, marks, tuple(rows))
+        key = (width, marks, tuple(rows))
         if key == self.shown and not force:
             return
         self.shown = key
         current = self.selected()
         table.clear(columns=True)
-        longest = max((len(r.name) + 2 for r in rows), default=4)
-        table.add_column("  name", key="name", width=None if wide or longest <= NAME_WIDTH else NAME_WIDTH)
-        table.add_column("method", key="method")
+        w = self.widths(rows, wide)
+        table.add_column("  name", key="name", width=w["name"])
+        table.add_column("method", key="method", width=w["method"])
         if wide:
-            table.add_column("dataset", key="dataset")
-            table.add_column("model", key="model")
-        table.add_column("status", key="status")
-        table.add_column("epochs", key="epochs")
-        table.add_column("best robust" if wide else "robust", key="best")
-        table.add_column("started", key="when")
-        for row in rows:
+            table.add_column("dataset", key="dataset", width=w["dataset"])
+            table.add_column("model", key="model", width=w["model"])
+        table.add_column("status", key="status", width=w["status"])
+        table.add_column("epochs", key="epochs", width=w["epochs"])
+        table.add_column("best robust" if wide else "robust", key="best", width=w["best"])
+        table.add_column("started", key="when", width=w["when"])
+        names = distinct_names([r.name for r in rows], w["name"] - 2)
+        for row, name in zip(rows, names, strict=True):
             mark = "✓ " if row.path in marks else "  "
-            cells: list[object] = [Text(mark + row.name), Text(row.method)]
+            cells: list[object] = [Text(mark + name), Text(row.method)]
             if wide:
                 cells += [Text(row.dataset), Text(row.model)]
             when = row.when if wide else row.when[5:]
@@ -128,6 +151,24 @@ class RunsScreen(Screen[None]):
             table.move_cursor(row=[r.path for r in rows].index(current.path))
         hint = self.query_one("#hint", Static)
         hint.update(Text(self.hint_text(rows)))
+        self.show_details()
+
+    def show_details(self) -> None:
+        """The selected run in full: its whole name and folder, what it trains, its evaluations."""
+        box = self.query_one("#details", Static)
+        row = self.selected()
+        if row is None:
+            box.display = False
+            return
+        box.display = True
+        reports = saved_reports(row.path)
+        best = f"best robust {pct(row.best_robust)}" if row.best_robust is not None else "no live evaluation"
+        saved = f"{len(reports)} saved report(s), newest: {reports[0].kind}" if reports else "no saved reports"
+        box.update(Text.assemble((str(row.path), "bold"), "\n",
+                                 f"{row.method}/{row.dataset}/{row.model} · {best} · {saved}"))
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self.show_details()
 
     def hint_text(self, rows: list[RunSummary]) -> str:
         jobs = self.jobs.active()
@@ -144,6 +185,9 @@ class RunsScreen(Screen[None]):
 
     def on_resize(self) -> None:
         self.redraw()
+
+    def on_screen_resume(self) -> None:
+        self.redraw(force=True)
 
     def selected(self) -> RunSummary | None:
         table = self.query_one("#runs", DataTable)
