@@ -215,6 +215,16 @@ def eval_(
                                          "beside the report)."),
     events: Optional[Path] = typer.Option(None, "--events", help="Append the job's events (JSON lines: started, "
                                           "progress, finished or failed) to this file, for a front end to follow."),
+    landscape: bool = typer.Option(False, "--landscape", help="Loss surfaces (the paper's Figure 4): CE on a grid "
+                                   "along d_a and a Rademacher d_r around each --index sample; PNG + JSON grid."),
+    index: list[int] = typer.Option([], "--index", help="Test sample(s) of the landscape, 0-based in the evaluated "
+                                    "order (repeatable; default 0)."),
+    landscape_direction: str = typer.Option("grad", "--landscape-direction", help="d_a: grad (sign of the CE input "
+                                            "gradient) or pgd (sign of the PGD-20 perturbation)."),
+    grid: int = typer.Option(41, "--grid", help="Landscape grid points per axis (a, b in [-1, 1])."),
+    no_clip: bool = typer.Option(False, "--no-clip", help="Do not clip landscape inputs to [0, 1]."),
+    compare: list[Path] = typer.Option([], "--compare", help="With --landscape: another model file, one more panel "
+                                       "on the same z-scale (repeatable)."),
 ) -> None:
     """Evaluate a saved model on its dataset's test split: clean, each attack, worst case, flags.
 
@@ -225,7 +235,11 @@ def eval_(
 
     request = EvalRequest(model_path, list(attack), list(suite), list(sweep), source, n=n, batch_size=batch_size,
                           seed=seed, device=device, eps=eps, data_root=data_root, out=out,
-                          robustbench_json=robustbench_json, resume=resume, state=state, events=events)
+                          robustbench_json=robustbench_json, resume=resume, state=state, events=events,
+                          landscape=landscape, landscape_index=list(index) or [0],
+                          landscape_direction=landscape_direction, grid=grid, clip=not no_clip, compare=list(compare))
+    if (index or compare or no_clip) and not landscape:
+        raise UsageError("--index, --compare and --no-clip go with --landscape")
     evalcmd.run(request, out=console, err=err_console, as_json=as_json, quiet=quiet)
 
 

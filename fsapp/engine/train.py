@@ -29,7 +29,7 @@ from fsapp.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from fsapp.config import Config, from_tables, load, to_toml
+from fsapp.config import Config, from_tables, load, load_tables, to_toml
 from fsapp.data import (
     TrainValidationSplit,
     augment_crop_flip,
@@ -257,8 +257,6 @@ def _open(config: Any, run_dir: Any, resume: Any, extend_epochs: int | None) -> 
 def _older_split(config_file: Path) -> list[str]:
     """A run written before ``data.validation`` existed trained on its whole training split and
     evaluated on the test split: resume it that way."""
-    from fsapp.config import load_tables
-
     tables, _ = load_tables(config_file)
     data = tables.get("data")
     return ["data.validation=0"] if isinstance(data, dict) and "validation" not in data else []
