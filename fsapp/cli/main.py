@@ -432,6 +432,26 @@ def report(
     run_report(paths, fmt, out)
 
 
+# -- reproduce -----------------------------------------------------------------------------
+
+@app.command()
+@friendly
+def reproduce(
+    scale: str = typer.Option("digits", "--scale", help="digits (the embedded set, CPU minutes) or cifar (the "
+                              "paper's runs, GPU days)."),
+    seeds: int = typer.Option(1, "--seeds", help="Seeds per cell (mean +- std in the tables)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Processes at once."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report directory (default reproduce-SCALE)."),
+    quick: bool = typer.Option(False, "--quick", help="A reduced digits grid (few cells, tiny budgets) for tests."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, the runs and the projected time."),
+    data_root: str = typer.Option("data", "--data-root", help="Where the cifar scale's dataset files live."),
+) -> None:
+    """Run the paper's grid of experiments and write REPORT.md (published vs fsapp vs AutoAttack)."""
+    from fsapp.cli.reproducecmd import run_reproduce
+
+    raise typer.Exit(run_reproduce(scale, out, seeds, jobs, quick, dry_run, data_root, console))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
