@@ -154,6 +154,19 @@ class DataSection(_Section):
     train_limit: int = ranged(0, 0, 10**9)  # 0: all samples
     augment: Literal["auto", "none", "crop-flip"] = "auto"
     on_device: bool = True  # false: keep the uint8 set in (pinned) host memory, move each batch
+    # Held out of the training split for live evaluation and best.safetensors: -1 auto (1,000 images, or
+    # 10% when fewer), 0 none (the paper's behaviour: train on everything, live evaluation on the test
+    # split), a fraction in (0, 1) or a number of images.
+    validation: float = ranged(-1.0, -1, 10**9)
+    validation_seed: int = ranged(0, *SEED)
+
+    def check(self) -> None:
+        if self.validation < 0 and self.validation != -1:
+            raise UsageError(f"data.validation = {_shown(self.validation)} is not allowed; valid: -1 (auto), 0 (no "
+                             "held-out split), a fraction in (0, 1) or a number of images")
+        if self.validation > 1 and self.validation != int(self.validation):
+            raise UsageError(f"data.validation = {_shown(self.validation)} must be a fraction below 1 or a whole "
+                             "number of images")
 
 
 @dataclass
@@ -211,7 +224,8 @@ class ScheduleSection(_Section):
 
 @dataclass
 class EvalSection(_Section):
-    """Live robustness evaluation on a fixed held-out subset, after every ``every`` epochs."""
+    """Live robustness evaluation after every ``every`` epochs on (at most ``n`` images of) the
+    validation split (``data.validation``), or of the test split when there is none."""
 
     TABLE: ClassVar[str] = "eval"
     n: int = ranged(200, 0, 10**7)
@@ -222,6 +236,13 @@ class EvalSection(_Section):
     autoattack_n: int = ranged(0, 0, 10**7)
     batch_size: int = ranged(250, 1, 65536)
     seed: int = ranged(0, *SEED)
+    select: str = "worst_case"  # what best.safetensors maximises: worst_case, clean or one of eval.attacks
+
+    def check(self) -> None:
+        valid = ("worst_case", "clean", *self.attacks)
+        if self.select not in valid:
+            raise UsageError(f"eval.select = {_shown(self.select)} is not a live-evaluation result; valid: "
+                             f"{', '.join(valid)}")
 
 
 SECTIONS: dict[str, type] = {

@@ -50,6 +50,13 @@ class Dataset:
             h.update(t.contiguous().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
+    def select_train(self, idx: Tensor) -> "Dataset":
+        """The training samples at ``idx`` (all of them, unchanged, when ``idx`` is 0..N-1)."""
+        if len(idx) == len(self.y_train) and bool((idx == torch.arange(len(idx))).all()):
+            return self
+        return Dataset(self.name, self.x_train[idx], self.y_train[idx], self.x_test, self.y_test,
+                       self.classes, self.mean, self.std, self.augment)
+
     def limit_train(self, n: int) -> "Dataset":
         """The first ``n`` training samples (``n <= 0`` keeps all)."""
         if n <= 0 or n >= len(self.y_train):
@@ -104,3 +111,57 @@ def iterate_batches(order: Tensor, batch_size: int, start_step: int = 0):
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
     return (n + batch_size - 1) // batch_size
+
+
+AUTO_VALIDATION = -1.0
+"""``data.validation`` default: hold out ``min(1000, 10% of the training set)`` images."""
+AUTO_VALIDATION_CAP = 1000
+
+
+def validation_size(n_train: int, validation: float) -> int:
+    """How many training images ``data.validation`` holds out of ``n_train``.
+
+    ``-1`` (auto): 1,000 images, or 10% when that is fewer (CIFAR/SVHN: 1,000; digits: 144);
+    ``0``: none (live evaluation runs on the test split, as the paper did); a value in (0, 1): that
+    fraction; a value >= 1: that many images. At least one image is always left for training.
+    """
+    if validation == 0:
+        return 0
+    if validation < 0:
+        k = min(AUTO_VALIDATION_CAP, round(0.1 * n_train))
+    elif validation < 1:
+        k = round(validation * n_train)
+    else:
+        k = int(validation)
+    return max(1, min(k, n_train - 1)) if n_train > 1 else 0
+
+
+@dataclass(frozen=True)
+class TrainValidationSplit:
+    """Indices into a dataset's training split: those trained on and those held out."""
+
+    train: Tensor
+    validation: Tensor
+
+    def digest(self) -> str:
+        """A short hash of both index lists (recorded in the run manifest)."""
+        h = hashlib.sha256()
+        for t in (self.train, self.validation):
+            h.update(t.to(torch.int64).contiguous().numpy().tobytes())
+            h.update(b"|")
+        return h.hexdigest()[:16]
+
+
+def split_train_validation(n_train: int, validation: float, seed: int, train_limit: int = 0) -> TrainValidationSplit:
+    """Hold ``validation_size(n_train, validation)`` images out of the training split, drawn by a
+    permutation seeded from ``seed`` alone (the same for every run seed); the rest, in file order,
+    is trained on (its first ``train_limit`` when > 0). Both lists are sorted and disjoint."""
+    k = validation_size(n_train, validation)
+    g = torch.Generator().manual_seed(_mix(seed, n_train, 0x7A11))
+    held = torch.randperm(n_train, generator=g)[:k].sort().values
+    keep = torch.ones(n_train, dtype=torch.bool)
+    keep[held] = False
+    train = torch.arange(n_train)[keep]
+    if train_limit > 0:
+        train = train[:train_limit]
+    return TrainValidationSplit(train, held)

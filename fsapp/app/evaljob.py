@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from fsapp.data import to_unit
 from fsapp.engine import events as ev
 from fsapp.engine.evaluate import SUITES
 from fsapp.errors import FsappError, UsageError
@@ -66,6 +67,12 @@ class EvalRequest:
     resume: bool = False
     state: Path | None = None
     events: Path | None = None
+    landscape: bool = False  # also the loss surfaces of Figure 4 (clean accuracy only unless attacks are named)
+    landscape_index: list[int] = field(default_factory=lambda: [0])
+    landscape_direction: str = "grad"  # grad: sign of the CE input gradient; pgd: of the PGD-20 perturbation
+    grid: int = 41
+    clip: bool = True
+    compare: list[Path] = field(default_factory=list)  # more model files: one panel each, shared z-scale
 
 
 # --------------------------------------------------------------------------- the job
@@ -108,6 +115,8 @@ def _run(req: EvalRequest, emit: Callable[[ev.Event], None], stream: "_EventFile
     if req.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {req.batch_size}")
     sweep_list = [parse_sweep(s) for s in req.sweeps]
+    if req.landscape:
+        check_landscape(req)
     dev = ddp.local_device(pick_device(req.device))
     shard = ddp.init_from_env(dev)
     lead = shard.rank == 0
@@ -159,6 +168,8 @@ def _run(req: EvalRequest, emit: Callable[[ev.Event], None], stream: "_EventFile
 
     data = report_data(req, meta, model_sha, source_sha, str(dev), white, transfer, (eps_value, step_size),
                        report.to_dict(), sweeps_out, notes)
+    if req.landscape and lead:
+        data["landscape"] = landscapes(req, model, x.to(dev), y.to(dev), eps_value, dev, target, data["notes"])
     if not lead:
         _remove_states(state_file)
         ddp.finish()
@@ -169,6 +180,71 @@ def _run(req: EvalRequest, emit: Callable[[ev.Event], None], stream: "_EventFile
         ddp.finish()
     emit(ev.EvalFinished(str(target), dict(data["accuracy"]), data["flags"], time.perf_counter() - t_job))
     return data
+
+
+def check_landscape(req: EvalRequest) -> None:
+    """Refuse a bad landscape request before anything runs (one line each)."""
+    from fsapp.engine.landscape import DIRECTIONS
+
+    if req.landscape_direction not in DIRECTIONS:
+        raise UsageError(f"--landscape-direction {req.landscape_direction!r} is not known; valid: "
+                         f"{', '.join(DIRECTIONS)}")
+    if not 2 <= req.grid <= 401:
+        raise UsageError(f"--grid must be in 2..401, got {req.grid}")
+    bad = [i for i in req.landscape_index if not 0 <= i < req.n]
+    if bad:
+        raise UsageError(f"--index {bad[0]} is out of range; valid: 0..{req.n - 1} (the --n evaluated test samples)")
+
+
+_DIRECTION_TEXT = {"grad": "CE input gradient", "pgd": "PGD-20 perturbation"}
+
+
+def landscapes(req: EvalRequest, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+               device: torch.device, target: Path, notes: list[str]) -> dict[str, Any]:
+    """Figure 4: each model's loss surface around each ``--index`` test sample (the grid in the
+    report, one PNG per sample with a panel per model on a shared z-scale)."""
+    from fsapp.checkpoint import load_model_file_digest
+    from fsapp.engine.landscape import landscape, plot_surfaces
+
+    x = to_unit(x) if x.dtype == torch.uint8 else x
+
+    models: list[tuple[str, Path, torch.nn.Module, str | None]] = [(req.model.stem, req.model, model, None)]
+    for other in req.compare:
+        m, other_meta, sha = load_model_file_digest(other, device)
+        if list(other_meta["input_shape"]) != list(x.shape[1:]):
+            raise UsageError(f"--compare {other} does not take this model's inputs {list(x.shape[1:])}")
+        models.append((other.stem, other, m, sha))
+    names = [n for n, *_ in models]
+    if len(set(names)) < len(names):  # two run directories' model.safetensors: name them by folder
+        names = [f"{p.parent.name}/{p.stem}" for _, p, *_ in models]
+    entries = []
+    surfaces = {}
+    for name, (_, path, m, sha) in zip(names, models, strict=True):
+        got, _ = landscape(m, x, y, list(req.landscape_index), eps, grid=req.grid, direction=req.landscape_direction,
+                           clip=req.clip, seed=req.seed)
+        surfaces[name] = got
+        entries.append({"name": name, "model": str(path), "model_sha256": sha, "surfaces": [s.to_dict() for s in got]})
+    pngs = []
+    for k, index in enumerate(req.landscape_index):
+        png = target.with_name(f"{target.stem}-landscape-{index}.png")
+        panels = [(name, surfaces[name][k]) for name in names]
+        title = (f"test sample {index}: CE along d_a ({req.landscape_direction}) and d_r (Rademacher), eps "
+                 f"{eps_text(eps)}{', inputs clipped to [0, 1]' if req.clip else ', not clipped'}")
+        try:
+            pngs.append(str(plot_surfaces(panels, png, title)))
+        except UsageError as exc:
+            notes.append(str(exc))
+            break
+        except OSError as exc:
+            notes.append(f"cannot write the landscape {png}: {exc.strerror or exc}")
+    clip_note = ("inputs clipped to [0, 1] at every grid point" if req.clip else
+                 "inputs NOT clipped to [0, 1] (--no-clip): points may leave the image domain")
+    notes.append(f"landscape: {clip_note}")
+    return {"indices": list(req.landscape_index), "grid": req.grid, "eps": eps, "clip": req.clip,
+            "directions": {"d_a": f"sign of the {_DIRECTION_TEXT.get(req.landscape_direction, '?')} of each model "
+                                  "at the sample", "d_r": f"Rademacher (+-1 per pixel), seed {req.seed}",
+                           "kind": req.landscape_direction},
+            "models": entries, "png": pngs}
 
 
 def _load_source(req: EvalRequest, meta: dict[str, Any], device: torch.device
@@ -296,7 +372,7 @@ def attack_lists(req: EvalRequest, sweeping: bool) -> tuple[list[str], list[str]
         transfer = list(req.attacks) or list(DEFAULT_TRANSFER)
     else:
         white += [a for a in req.attacks if a not in white]
-    if not white and not transfer and not sweeping:
+    if not white and not transfer and not sweeping and not req.landscape:
         white = list(DEFAULT_ATTACKS)
     notes: list[str] = []
     if req.robustbench_json is not None and not any(s.split(":")[0] == "autoattack" for s in white):

@@ -137,3 +137,13 @@ def render(console: Console, data: dict[str, Any], model_path: Path, report: Pat
     for sw in data.get("sweeps", []):
         if sw.get("png"):
             console.print(Text(f"curve: {sw['png']}"), soft_wrap=True)
+    scape = data.get("landscape")
+    if scape:
+        for entry in scape["models"]:
+            for surface in entry["surfaces"]:
+                z = [v for row in surface["z"] for v in row]
+                console.print(Text(f"landscape {entry['name']} sample {surface['index']}: loss {surface['clean_loss']:.3f} "
+                                   f"at (0, 0), {min(z):.3f}..{max(z):.3f} on the {scape['grid']}x{scape['grid']} grid"),
+                              soft_wrap=True)
+        for png in scape["png"]:
+            console.print(Text(f"landscape: {png}"), soft_wrap=True)

@@ -230,6 +230,16 @@ def eval_(
                                          "beside the report)."),
     events: Optional[Path] = typer.Option(None, "--events", help="Append the job's events (JSON lines: started, "
                                           "progress, finished or failed) to this file, for a front end to follow."),
+    landscape: bool = typer.Option(False, "--landscape", help="Loss surfaces (the paper's Figure 4): CE on a grid "
+                                   "along d_a and a Rademacher d_r around each --index sample; PNG + JSON grid."),
+    index: list[int] = typer.Option([], "--index", help="Test sample(s) of the landscape, 0-based in the evaluated "
+                                    "order (repeatable; default 0)."),
+    landscape_direction: str = typer.Option("grad", "--landscape-direction", help="d_a: grad (sign of the CE input "
+                                            "gradient) or pgd (sign of the PGD-20 perturbation)."),
+    grid: int = typer.Option(41, "--grid", help="Landscape grid points per axis (a, b in [-1, 1])."),
+    no_clip: bool = typer.Option(False, "--no-clip", help="Do not clip landscape inputs to [0, 1]."),
+    compare: list[Path] = typer.Option([], "--compare", help="With --landscape: another model file, one more panel "
+                                       "on the same z-scale (repeatable)."),
 ) -> None:
     """Evaluate a saved model on its dataset's test split: clean, each attack, worst case, flags.
 
@@ -240,7 +250,11 @@ def eval_(
 
     request = EvalRequest(model_path, list(attack), list(suite), list(sweep), source, n=n, batch_size=batch_size,
                           seed=seed, device=device, eps=eps, data_root=data_root, out=out,
-                          robustbench_json=robustbench_json, resume=resume, state=state, events=events)
+                          robustbench_json=robustbench_json, resume=resume, state=state, events=events,
+                          landscape=landscape, landscape_index=list(index) or [0],
+                          landscape_direction=landscape_direction, grid=grid, clip=not no_clip, compare=list(compare))
+    if (index or compare or no_clip) and not landscape:
+        raise UsageError("--index, --compare and --no-clip go with --landscape")
     evalcmd.run(request, out=console, err=err_console, as_json=as_json, quiet=quiet)
 
 
@@ -431,6 +445,26 @@ def report(
     from fsapp.cli.reportcmd import run_report
 
     run_report(paths, fmt, out)
+
+
+# -- reproduce -----------------------------------------------------------------------------
+
+@app.command()
+@friendly
+def reproduce(
+    scale: str = typer.Option("digits", "--scale", help="digits (the embedded set, CPU minutes) or cifar (the "
+                              "paper's runs, GPU days)."),
+    seeds: int = typer.Option(1, "--seeds", help="Seeds per cell (mean +- std in the tables)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Processes at once."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report directory (default reproduce-SCALE)."),
+    quick: bool = typer.Option(False, "--quick", help="A reduced digits grid (few cells, tiny budgets) for tests."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, the runs and the projected time."),
+    data_root: str = typer.Option("data", "--data-root", help="Where the cifar scale's dataset files live."),
+) -> None:
+    """Run the paper's grid of experiments and write REPORT.md (published vs fsapp vs AutoAttack)."""
+    from fsapp.cli.reproducecmd import run_reproduce
+
+    raise typer.Exit(run_reproduce(scale, out, seeds, jobs, quick, dry_run, data_root, console))
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ def labelled(label: str, style: str, text: object) -> Text:
 
 def robustness_table(event: ev.EvalResult, title: str | None = None) -> Table:
     """A table of accuracies (clean, each attack, worst case) plus the CE-vs-margin gap."""
-    table = Table(title=title or f"epoch {event.epoch + 1}: robustness on {event.n} held-out samples")
+    table = Table(title=title or f"epoch {event.epoch + 1}: robustness on {event.n} {event.split} samples")
     table.add_column("attack")
     table.add_column("accuracy", justify="right")
     for name, value in event.accuracy.items():

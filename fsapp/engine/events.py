@@ -61,6 +61,7 @@ class EvalResult(Event):
     flags: list[dict[str, str]]
     seconds: float
     global_step: int = -1
+    split: str = "test"  # "validation" (held out of the training split) or "test"
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.safetensors"
 MODEL = "model.safetensors"
+BEST = "best.safetensors"  # the weights of the best live evaluation on the validation split
 EVAL_DIR = "eval"
 LOCK_NAME = ".lock"
 CONTROL_DIR = "control"
@@ -419,13 +420,21 @@ class RunState:
 
     @property
     def best_robust(self) -> tuple[float, int] | None:
-        """Best worst-case accuracy and the (0-based) epoch it was seen at."""
+        """Best worst-case accuracy and the (0-based) epoch it was seen at, on the live-evaluation
+        split (:attr:`best_split` says which)."""
         best: tuple[float, int] | None = None
         for result in self.evals:
             value = result.accuracy.get("worst_case")
             if value is not None and (best is None or value > best[0]):
                 best = (value, result.epoch)
         return best
+
+    @property
+    def best_split(self) -> str | None:
+        """Where live evaluation ran: ``validation`` (held out of the training split, where
+        best.safetensors is chosen) or ``test`` (a run without a validation split); None before
+        any evaluation."""
+        return self.evals[-1].split if self.evals else None
 
     @property
     def last_eval(self) -> ev.EvalResult | None:
@@ -523,6 +532,7 @@ class RunSummary:
     when: str
     sort_key: float
     resumable: bool
+    best_split: str | None = None  # "validation" or "test": where best_robust was measured
 
     def matches(self, text: str) -> bool:
         """Case-insensitive substring filter over the visible columns."""
@@ -545,6 +555,7 @@ def summarise(path: Path, state: RunState, live: bool = False, now: float | None
         model=str(cfg.get("model", {}).get("name", "?")), status=status, epochs_done=state.epochs_done,
         epochs_total=state.epochs_total, best_robust=best[0] if best else None, when=when_text,
         sort_key=sort_key, resumable=status == "interrupted" and (path / CHECKPOINT).is_file(),
+        best_split=state.best_split,
     )
 
 

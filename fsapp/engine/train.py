@@ -29,12 +29,14 @@ from fsapp.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from fsapp.config import Config, from_tables, load, to_toml
+from fsapp.config import Config, from_tables, load, load_tables, to_toml
 from fsapp.data import (
+    TrainValidationSplit,
     augment_crop_flip,
     batch_generator,
     epoch_order,
     iterate_batches,
+    split_train_validation,
     steps_per_epoch,
     to_unit,
 )
@@ -47,6 +49,7 @@ from fsapp.engine.plan import RunPlan, lr_at, plan_run
 from fsapp.engine.randomness import owning_randomness
 from fsapp.engine.resume import check_config, check_extension, checkpoint_state, refuse_finished
 from fsapp.engine.rundir import (
+    BEST,
     CHECKPOINT,
     CONFIG,
     MANIFEST,
@@ -110,6 +113,15 @@ class Job:
     channel: ControlChannel | None = None
     log: RunLog = field(default_factory=NullLog)
     data: dict[str, torch.Tensor] = field(default_factory=dict)
+    split: TrainValidationSplit | None = None  # training images held out for live evaluation
+    x_validation: torch.Tensor | None = None  # uint8, on the host
+    y_validation: torch.Tensor | None = None
+    best: float | None = None  # the best eval.select value so far (best.safetensors holds it)
+
+    @property
+    def eval_split(self) -> str:
+        """Where live evaluation runs: ``validation`` (held out of the training split) or ``test``."""
+        return "validation" if self.split is not None and len(self.split.validation) else "test"
 
     @property
     def cfg(self) -> Config:
@@ -226,7 +238,7 @@ def _open(config: Any, run_dir: Any, resume: Any, extend_epochs: int | None) -> 
         raise UsageError(f"cannot resume {run_path}: no config.toml there (not a run directory)")
     state = checkpoint_state(run_path / CHECKPOINT) if (run_path / CHECKPOINT).exists() else None
     checked = state is not None and check_config(run_path, state, run_path / CONFIG)  # before validation
-    cfg = load(run_path / CONFIG)
+    cfg = load(run_path / CONFIG, _older_split(run_path / CONFIG))
     extend = extend_epochs is not None and extend_epochs != cfg.schedule.epochs
     if not extend:
         refuse_finished(run_path, cfg.schedule.epochs)
@@ -242,6 +254,14 @@ def _open(config: Any, run_dir: Any, resume: Any, extend_epochs: int | None) -> 
     return opening
 
 
+def _older_split(config_file: Path) -> list[str]:
+    """A run written before ``data.validation`` existed trained on its whole training split and
+    evaluated on the test split: resume it that way."""
+    tables, _ = load_tables(config_file)
+    data = tables.get("data")
+    return ["data.validation=0"] if isinstance(data, dict) and "validation" not in data else []
+
+
 def _build(plan: RunPlan, run_path: Path, control: Control) -> Job:
     """Device, process group, data, model, adversary and optimiser, in the order that fixes the
     random draws (seed, dataset, model initialisation)."""
@@ -249,7 +269,10 @@ def _build(plan: RunPlan, run_path: Path, control: Control) -> Job:
     dd = ddp.setup(pick_device(cfg.run.device))  # torchrun: join the group, take cuda:LOCAL_RANK
     run_path = Path(ddp.broadcast_text(str(run_path), dd))  # rank 0's (timestamped) name
     torch.manual_seed(cfg.run.seed)
-    dataset = plan.dataset.build().limit_train(cfg.data.train_limit)
+    full = plan.dataset.build()
+    split = split_train_validation(len(full.y_train), cfg.data.validation, cfg.data.validation_seed,
+                                   cfg.data.train_limit)
+    dataset = full.select_train(split.train)
     model_part = plan.model_for(dataset)
     model = model_part.build().to(dd.device)
     if cfg.run.channels_last:
@@ -263,8 +286,11 @@ def _build(plan: RunPlan, run_path: Path, control: Control) -> Job:
     net = ddp.wrap(torch.compile(model) if cfg.run.compile else model, dd)
     optimizer = plan.optimizer_for(model)
     scaler = torch.amp.GradScaler(dd.device.type, enabled=cfg.run.precision == "fp16")
-    return Job(plan, run_path, dd, control, dataset, model, net, _perturbation(plan, dataset.num_classes),
-               optimizer, scaler, model_part.given)
+    perturb = _perturbation(plan, dataset.num_classes)
+    job = Job(plan, run_path, dd, control, dataset, model, net, perturb, optimizer, scaler, model_part.given,
+              split=split)
+    job.x_validation, job.y_validation = full.x_train[split.validation], full.y_train[split.validation]
+    return job
 
 
 def _perturbation(plan: RunPlan, num_classes: int) -> Any:
@@ -329,6 +355,7 @@ def _restore(job: Job, prog: Progress) -> None:
         ddp.restore_cuda_rng(extra)  # by device index (a string sort puts rng.cuda.10 before rng.cuda.2)
     prog.epoch, prog.start_step, prog.global_step = saved["epoch"], saved["step"], saved["global_step"]
     prog.bad_total = int(saved.get("bad_steps", 0))
+    job.best = saved.get("best_select")
     prog.kept = _kept(job, saved["epoch"], saved["step"])
 
 
@@ -359,8 +386,20 @@ def _manifest(job: Job) -> dict[str, Any]:
         "seed": job.cfg.run.seed,
         "world_size": job.dd.world_size,
         "data_fingerprint": job.dataset.fingerprint(),
+        "live_eval": _split_record(job),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _split_record(job: Job) -> dict[str, Any]:
+    """What the manifest says about the split: where live evaluation runs, the sizes, the digest of
+    the training and validation indices (a function of the config alone)."""
+    cfg, split = job.cfg, job.split
+    return {"split": job.eval_split, "train_images": int(len(job.dataset.y_train)),
+            "validation_images": int(len(split.validation)) if split is not None else 0,
+            "validation": cfg.data.validation, "validation_seed": cfg.data.validation_seed,
+            "indices_sha256": split.digest() if split is not None else None,
+            "select": cfg.eval.select if job.eval_split == "validation" else None}
 
 
 def _write(path: Path, text: str, kept: str) -> None:
@@ -381,10 +420,13 @@ def _place_data(job: Job) -> None:
     cfg, dataset, device = job.cfg, job.dataset, job.device
     job.data["x_train"] = dataset.x_train.to(device) if cfg.data.on_device else dataset.x_train
     job.data["y_train"] = dataset.y_train.to(device)
+    x_pool, y_pool = dataset.x_test, dataset.y_test
+    if job.eval_split == "validation":
+        x_pool, y_pool = job.x_validation, job.y_validation
     g = torch.Generator().manual_seed(cfg.eval.seed)
-    eval_idx = torch.randperm(len(dataset.y_test), generator=g)[: cfg.eval.n].sort().values
-    job.data["x_eval"] = to_unit(dataset.x_test[eval_idx]).to(device)
-    job.data["y_eval"] = dataset.y_test[eval_idx].to(device)
+    eval_idx = torch.randperm(len(y_pool), generator=g)[: cfg.eval.n].sort().values
+    job.data["x_eval"] = to_unit(x_pool[eval_idx]).to(device)
+    job.data["y_eval"] = y_pool[eval_idx].to(device)
 
 
 def _loop(job: Job, prog: Progress, opening: Opening) -> Iterator[ev.Event]:
@@ -580,7 +622,8 @@ def _checkpoint(job: Job, prog: Progress, epoch: int, step: int) -> ev.Event:
     with the resolved configuration and its digest; never a non-finite one."""
     dd, path = job.dd, job.run_path / CHECKPOINT
     state = {"epoch": epoch, "step": step, "global_step": prog.global_step, "bad_steps": prog.bad_total,
-             "world_size": dd.world_size, "config_digest": job.plan.digest, "config": job.plan.tables}
+             "world_size": dd.world_size, "config_digest": job.plan.digest, "config": job.plan.tables,
+             "best_select": job.best}
     extra = ddp.rng_state_tensors(dd)  # every rank's RNG state (a collective: all ranks call it)
     if not dd.active:
         extra.update(ddp.cuda_rng_tensors())  # restored by device index
@@ -624,8 +667,26 @@ def _live_eval(job: Job, prog: Progress, epoch: int) -> ev.Event:
                       defaults=defaults, seed=cfg.eval.seed, checks=False, shard=job.dd.active)
         accuracy["autoattack"] = aa.accuracy["autoattack"]
         flags += [f for f in aa.flags if f not in flags]
+    if job.eval_split == "validation":
+        _keep_best(job, prog, accuracy.get(cfg.eval.select))
     return job.emit(ev.EvalResult(epoch, report.n, accuracy, report.gap, flags, time.perf_counter() - t0,
-                                  prog.global_step), prog.kept)
+                                  prog.global_step, job.eval_split), prog.kept)
+
+
+def _keep_best(job: Job, prog: Progress, value: float | None) -> None:
+    """Write best.safetensors (atomically) when the validation ``eval.select`` value improves on the
+    best so far; never on test data (a run without a validation split keeps no best model)."""
+    if value is None or (job.best is not None and value <= job.best):
+        return
+    job.best = value
+    if job.dd.is_main and not _non_finite(job.model):
+        path = job.run_path / BEST
+        try:
+            save_model(path, job.model, {**_model_meta(job), "selected_by": job.cfg.eval.select,
+                                         "selected_value": value, "selected_split": "validation",
+                                         "selected_global_step": prog.global_step})
+        except OSError as exc:
+            raise TrainingAborted(write_failed(path, exc, prog.kept)) from None
 
 
 def _finish(job: Job, prog: Progress) -> Iterator[ev.Event]:
