@@ -163,8 +163,8 @@ def test_recorded_root_and_data_root(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("eval_eps", "abc", "'eval_eps' = 'abc' is not a number"),
-    ("eval_step_size", "5", "'eval_step_size' = 5 is outside 0..1"),
+    ("eval_eps", "abc", "metadata field 'eval_eps' is not valid JSON"),
+    ("eval_step_size", "5", "metadata field 'eval_step_size' must be a number in 0..1"),
 ])
 def test_bad_eval_metadata_is_one_line(digits_file, tmp_path, field, value, message):
     model = fsapp.checkpoint.load_model_file(digits_file)[0]
@@ -173,6 +173,7 @@ def test_bad_eval_metadata_is_one_line(digits_file, tmp_path, field, value, mess
                             model_metadata("mlp", params, dataset="digits", extra={field: value}))
     result = cli(path, "--n", "5")
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 # --------------------------------------------------------------------------- output
