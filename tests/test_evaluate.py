@@ -329,3 +329,21 @@ def test_eval_bench_figures():
     assert 0 < pgd["fsapp_pgd_attack"]["robust_accuracy"] < figures["clean_accuracy"]
     assert pgd["fsapp_pgd_evaluate"]["images_per_sec"] > 0 and isinstance(pgd["at_least_as_fast"], bool)
     json.dumps(figures)
+
+
+# --------------------------------------------------------------------------- timings
+
+
+def test_stage_timings_sum_to_the_attack_time(digits_model):
+    model, x, y = digits_model
+    spec = "autoattack-fast:eps=0.1,steps=40,targets=3,queries=300,fab=true,seed=0"
+    report = evaluate(model, x, y, [spec], batch_size=60)
+    run = report.attacks[0]
+    assert list(run.stage_seconds) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert all(t >= 0 for t in run.stage_seconds.values())
+    assert sum(run.stage_seconds.values()) == pytest.approx(run.seconds, rel=0.05)
+    assert run.seconds <= report.seconds
+    timings = report.to_dict()["timings"]
+    assert timings["stages"][spec] == run.stage_seconds
+    assert timings["images_per_sec"][spec] == pytest.approx(len(y) / run.seconds)
+    json.dumps(timings)

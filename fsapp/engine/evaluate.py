@@ -315,6 +315,7 @@ def _attack_pass(job: _Pass, plan: _Plan, clean: Tensor, primary: ThreatModel | 
     robust = clean.clone()
     stage_masks = {name: clean.clone() for name, _ in plan.stages}
     stage_access = {name: kind_of(a, name)[0] for name, a in plan.stages}
+    stage_seconds = {name: 0.0 for name, _ in plan.stages}
     tally = {"invalid": 0, "no_gradient": 0, "non_finite": 0}
     seconds, done, total = 0.0, 0, job.total
 
@@ -335,10 +336,10 @@ def _attack_pass(job: _Pass, plan: _Plan, clean: Tensor, primary: ThreatModel | 
             def notify(stage: str, done: int = done, b: int = b, seconds: float = seconds) -> None:
                 progress(stage, done, b - 1, seconds)
 
-            robust_b, stage_b, found = _attack_batch(plan, crafter, job.model, job.x[s], job.y[s], robust[s].clone(),
-                                                     job.batch_size, notify)
+            robust_b, stage_b, found, stage_t = _attack_batch(plan, crafter, job.model, job.x[s], job.y[s],
+                                                              robust[s].clone(), job.batch_size, notify)
             rec = {"robust": mask_to_str(robust_b), **found, "seconds": time.perf_counter() - t0,
-                   "stages": {k: mask_to_str(v) for k, v in stage_b.items()}}
+                   "stages": {k: mask_to_str(v) for k, v in stage_b.items()}, "stage_seconds": stage_t}
             job.state.put(plan.key, b, rec)
         robust[s] = str_to_mask(rec["robust"], device)
         for name, text in rec.get("stages", {}).items():
@@ -346,12 +347,15 @@ def _attack_pass(job: _Pass, plan: _Plan, clean: Tensor, primary: ThreatModel | 
                 stage_masks[name][s] = str_to_mask(text, device)
         for k in tally:
             tally[k] += int(rec.get(k, 0))
+        for name, sec in (rec.get("stage_seconds") or {}).items():
+            if name in stage_seconds:
+                stage_seconds[name] += float(sec)
         seconds += float(rec.get("seconds", 0.0))
         done += s.stop - s.start
         progress("", done, b, seconds, resumed)
     return AttackRun(plan.spec, plan.name, plan.params, robust, seconds, tally["invalid"], plan.threat, plan.access,
                      plan.loss, plan.transfer, plan.threat.within(primary), plan.resolved, stage_masks, stage_access,
-                     tally["no_gradient"], tally["non_finite"])
+                     tally["no_gradient"], tally["non_finite"], stage_seconds)
 
 
 def _sum_over_ranks(clean: Tensor, runs: list[AttackRun], counts: Tensor) -> tuple[Tensor, Tensor]:
@@ -373,21 +377,30 @@ def _sum_over_ranks(clean: Tensor, runs: list[AttackRun], counts: Tensor) -> tup
     m = len(runs)
     for i, r in enumerate(runs):
         r.invalid, r.no_gradient, r.non_finite = int(scalars[i]), int(scalars[m + i]), int(scalars[2 * m + i])
-    secs = ddp.all_max(torch.tensor([r.seconds for r in runs] + [0.0], dtype=torch.float64))
+    secs = ddp.all_max(torch.tensor([r.seconds for r in runs] + [t for r in runs for t in r.stage_seconds.values()]
+                                    + [0.0], dtype=torch.float64))
+    k = len(runs)
     for i, r in enumerate(runs):
         r.seconds = float(secs[i])
+        for name in r.stage_seconds:
+            r.stage_seconds[name] = float(secs[k])
+            k += 1
     return clean, scalars[3 * m:]
 
 
 def _attack_batch(plan: _Plan, crafter, model, xb: Tensor, yb: Tensor, robust_b: Tensor,  # noqa: ANN001
-                  batch_size: int, notify: Callable[[str], None]) -> tuple[Tensor, dict[str, Tensor], dict[str, int]]:
+                  batch_size: int, notify: Callable[[str], None]
+                  ) -> tuple[Tensor, dict[str, Tensor], dict[str, int], dict[str, float]]:
     """Attack the still-robust points of one batch (every stage of a staged attack in turn).
 
     Returns (robust mask, stage masks, counts: invalid examples, points an attack could not
-    differentiate, examples with a non-finite output).
+    differentiate, examples with a non-finite output; seconds per stage: from the end of the
+    previous stage to the end of this one, checks and the fresh forward included).
     """
     found = {"invalid": 0, "no_gradient": 0, "non_finite": 0}
     stage_b: dict[str, Tensor] = {}
+    stage_t: dict[str, float] = {}
+    clock = [time.perf_counter()]
 
     def labels(x_adv: Tensor) -> Tensor:
         pred = predict(model, x_adv, batch_size)
@@ -405,13 +418,16 @@ def _attack_batch(plan: _Plan, crafter, model, xb: Tensor, yb: Tensor, robust_b:
         return run
 
     def record(stage: str, mask: Tensor) -> None:
+        now = time.perf_counter()
         if stage:
             stage_b[stage] = mask.clone()
+            stage_t[stage] = now - clock[0]
+        clock[0] = now
 
     steps = plan.stages or [("", plan.attack)]
     _, robust_b = cascade(crafter, xb, yb, [(name, guarded(name, a)) for name, a in steps], robust=robust_b,
                           labels=labels, on_stage=record)
-    return robust_b, stage_b, found
+    return robust_b, stage_b, found, stage_t
 
 
 def _call_attack(plan: _Plan, stage: str, attack: Any, net: torch.nn.Module, model: torch.nn.Module, xs: Tensor,

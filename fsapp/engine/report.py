@@ -22,7 +22,9 @@ class AttackRun:
 
     ``stages`` maps each stage of a staged attack to the cumulative per-sample robustness after
     it; ``transfer`` attacks were crafted on a source model and measured on the evaluated one;
-    ``non_finite`` counts examples on which the evaluated model's output was not finite.
+    ``non_finite`` counts examples on which the evaluated model's output was not finite;
+    ``seconds`` is the attack's time over its batches and ``stage_seconds`` splits it by stage
+    (each stage's attack, its example checks and the fresh forward on its examples).
     """
 
     spec: str
@@ -41,6 +43,7 @@ class AttackRun:
     stage_access: dict[str, str] = field(default_factory=dict)
     no_gradient: int = 0
     non_finite: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -103,7 +106,10 @@ class Report:
             ],
             "checks": dict(self.checks),
             "flags": list(self.flags),
-            "timings": {"total": self.seconds, **{r.key: r.seconds for r in self.attacks}},
+            # every clock reading lives here and in "seconds" (two runs of one evaluation differ only there)
+            "timings": {"total": self.seconds, **{r.key: r.seconds for r in self.attacks},
+                        "stages": {r.key: dict(r.stage_seconds) for r in self.attacks if r.stage_seconds},
+                        "images_per_sec": {r.key: self.n / r.seconds for r in self.attacks if r.seconds > 0}},
             "seconds": self.seconds,
             "world_size": self.world_size,
         }
