@@ -228,7 +228,7 @@ def test_usage_errors(digits_model):
         evaluate(model, x, y, ["nope"])
     with pytest.raises(UsageError, match="unknown parameter"):
         evaluate(model, x, y, ["pgd:nope=1"])
-    assert set(SUITES) == {"default", "paper", "autoattack"}
+    assert set(SUITES) == {"default", "paper", "autoattack", "screen"}
 
 
 # --------------------------------------------------------------------------- resuming
@@ -347,3 +347,55 @@ def test_stage_timings_sum_to_the_attack_time(digits_model):
     assert timings["stages"][spec] == run.stage_seconds
     assert timings["images_per_sec"][spec] == pytest.approx(len(y) / run.seconds)
     json.dumps(timings)
+
+
+# --------------------------------------------------------------------------- crafting copies
+
+
+def _small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return get_registry().create("model", "small-cnn:width=8,hidden=16", num_classes=10, channels=1, size=8,
+                                 mean=(0.5,), std=(0.5,)).eval()
+
+
+def test_attacks_craft_on_a_faster_copy_of_the_same_function():
+    from fsapp.engine.crafting import CraftingModel, crafting_model
+
+    model = _small_cnn()
+    x = torch.rand(40, 1, 8, 8)
+    twin = crafting_model(model, x[:16])
+    assert isinstance(twin, CraftingModel) and twin._fast is not None
+    assert twin.grad_net.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(twin(x), model(x), atol=1e-5)  # the inference trace
+    xg = x.clone().requires_grad_(True)
+    (g1,) = torch.autograd.grad(F.cross_entropy(twin(xg), torch.zeros(40, dtype=torch.long)), xg)
+    xg = x.clone().requires_grad_(True)
+    (g2,) = torch.autograd.grad(F.cross_entropy(model(xg), torch.zeros(40, dtype=torch.long)), xg)
+    assert torch.allclose(g1, g2, atol=1e-6)
+    assert model.features[0].weight.is_contiguous()  # the evaluated model is left as it was
+    assert crafting_model(model, x[:16], "keep") is model
+    noisy = nn.Sequential(model, _Noise())
+    assert crafting_model(noisy, x[:16]) is noisy  # a randomised forward is attacked as it is
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    assert crafting_model(mlp, x[:16]) is mlp
+
+
+class _Noise(nn.Module):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + torch.randn_like(z)
+
+
+def test_layout_does_not_change_what_is_counted():
+    model = _small_cnn()
+    torch.manual_seed(1)
+    x = torch.rand(60, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    spec = "autoattack-fast:eps=0.03,steps=10,targets=2,queries=50,seed=0"
+    fast = evaluate(model, x, y, [spec], batch_size=60)
+    kept = evaluate(model, x, y, [spec], batch_size=60, layout="keep")
+    assert fast.accuracy["clean"] == kept.accuracy["clean"] == 1.0
+    assert abs(int(fast.attacks[0].robust.sum()) - int(kept.attacks[0].robust.sum())) <= 1
+    with pytest.raises(UsageError, match="layout must be auto or keep"):
+        evaluate(model, x, y, [spec], layout="fast")

@@ -29,6 +29,10 @@ How an evaluation runs:
 - Model checks run on the clean data (:func:`fsapp.engine.checks.model_checks`); they and the
   attack results feed the flags of :mod:`fsapp.engine.flags`.
 - With ``state=PATH`` every finished batch is saved atomically; ``resume=True`` continues it.
+- On the CPU, attacks craft on faster copies of a convolutional model (``layout="auto"``,
+  :mod:`fsapp.engine.crafting`: channels-last for gradients, a frozen inference trace for
+  forwards; the same function to float rounding); every example is still counted by the model
+  itself. ``layout="keep"`` crafts on the model as given.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from torch import Tensor
 
 from fsapp.adversary import ThreatModel, cascade, kind_of, predict, preserved_state, threat_of
 from fsapp.engine.checks import CHECK_NAMES, check_examples, model_checks, validate_output
+from fsapp.engine.crafting import crafting_model
 from fsapp.engine.report import AttackRun, EvalProgress, Report, frac
 from fsapp.errors import PluginError, UsageError
 from fsapp.registry import apply_defaults, make_params, parse_spec
@@ -56,10 +61,12 @@ SUITES: dict[str, tuple[str, ...]] = {
     "default": ("pgd:steps=20", "cw:steps=20"),
     "paper": ("fgsm:random_start=true", "pgd:steps=20", "pgd:steps=100", "cw:steps=20", "cw:steps=100"),
     "autoattack": ("autoattack",),
+    "screen": ("screen",),
 }
 """Named attack lists. ``default``: what an evaluation runs when no attack is named; ``paper``: the
 paper's protocol (FGSM with a random start and step eps, PGD-20/100 and CW-20/100 with step eps/4
-and a random start); ``autoattack``: the standard AutoAttack ensemble."""
+and a random start); ``autoattack``: the standard AutoAttack ensemble; ``screen``: the cheap tier
+for every epoch (APGD-CE, then APGD-T on the 3 nearest boundaries in MALT order)."""
 
 OnBatch = Callable[[EvalProgress], Any]
 
@@ -146,6 +153,7 @@ def evaluate(
     checks: bool = True,
     shard: bool = False,
     fingerprint: dict[str, Any] | None = None,
+    layout: str = "auto",
 ) -> Report:
     """Evaluate ``model`` on (x, y) against ``attacks`` (spec strings); see :class:`Report`.
 
@@ -157,7 +165,7 @@ def evaluate(
     Progress goes to ``on_batch(EvalProgress)`` (``on_progress(key, done, total)`` is the same
     channel, shortened); an exception raised there stops the evaluation (finished batches stay in
     the state file). ``checks`` runs the model checks on the clean data; ``fingerprint`` adds items
-    a resumed state must match.
+    a resumed state must match. ``layout``: "auto" or "keep" (see the module docstring).
     """
     from fsapp.engine import distributed as ddp
 
@@ -173,6 +181,8 @@ def evaluate(
     y = y.to(device)
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
+    if layout not in ("auto", "keep"):
+        raise UsageError(f"layout must be auto or keep, got {layout!r}")
     if transfer and source is None:
         raise UsageError("transfer attacks need a source model to craft them on")
     plans = [_plan(s, defaults, False) for s in attacks] + [_plan(s, defaults, True) for s in transfer]
@@ -190,7 +200,7 @@ def evaluate(
     try:
         with torch.random.fork_rng(devices=cuda):
             return _evaluate(model, source, x, y, plans, batch_size, report_to, defaults, seed, state, resume,
-                             checks, sh, fingerprint, start)
+                             checks, sh, fingerprint, start, layout)
     finally:
         for m, training in modes:
             m.training = training
@@ -236,6 +246,7 @@ class _Pass:
     seed: int
     batch_size: int
     on_batch: OnBatch | None
+    crafters: dict[str, torch.nn.Module] = dataclasses.field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -243,7 +254,7 @@ class _Pass:
 
 
 def _evaluate(model, source, x, y, plans, batch_size, on_batch, defaults, seed, state_path,  # noqa: ANN001
-              resume, checks, sh, fingerprint, start) -> Report:
+              resume, checks, sh, fingerprint, start, layout="auto") -> Report:
     from fsapp.engine.evalstate import EvalState, model_digest, tensor_digest
     from fsapp.engine.flags import check_flags, compute_flags
 
@@ -258,6 +269,11 @@ def _evaluate(model, source, x, y, plans, batch_size, on_batch, defaults, seed, 
               "source": model_digest(source) if source is not None else None, **(fingerprint or {})}
     job = _Pass(model, source, x, y, batches, [b for b in range(len(batches)) if sh.owns(b)],
                 EvalState.open(state_path, fp, resume), seed, batch_size, on_batch)
+    if plans:
+        probe = x[:16]
+        job.crafters["model"] = crafting_model(model, probe, layout)
+        if source is not None and any(p.transfer for p in plans):
+            job.crafters["source"] = crafting_model(source, probe, layout)
 
     clean, counts = _clean_pass(job, checks)
     runs = [_attack_pass(job, plan, clean, primary) for plan in plans]
@@ -311,7 +327,7 @@ def _attack_pass(job: _Pass, plan: _Plan, clean: Tensor, primary: ThreatModel | 
     from fsapp.engine.evalstate import mask_to_str, str_to_mask
 
     device = job.x.device
-    crafter = job.source if plan.transfer else job.model
+    crafter = job.crafters["source" if plan.transfer else "model"]
     robust = clean.clone()
     stage_masks = {name: clean.clone() for name, _ in plan.stages}
     stage_access = {name: kind_of(a, name)[0] for name, a in plan.stages}

@@ -1,0 +1,90 @@
+"""The model attacks craft on: the same function as the evaluated model, laid out to run faster.
+
+On the CPU a float32 model with 2-D convolutions is crafted on by :class:`CraftingModel`:
+
+- passes that need an input gradient run on a channels-last copy (oneDNN's convolutions and their
+  input gradients are faster in that layout);
+- passes without a gradient (Square's queries, FAB's checks, APGD's target ranking) run on a
+  frozen trace optimised for inference (convolution and BatchNorm folded, weights prepacked),
+  about twice as fast as the eager forward on small CNNs.
+
+Both agree with the model to float rounding (checked when the copy is made, on two batch sizes;
+a model that does not trace or does not agree is used as it is). Only crafting uses them: every
+example is still counted by the evaluated model itself, so a difference in the last bits can
+change which example an attack finds, never what the report counts.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+AGREEMENT = 1e-4
+"""Largest difference (relative to the logits' scale) the optimised copies may show."""
+
+
+class CraftingModel(nn.Module):
+    """``grad_net`` (channels-last copy) when autograd records, else the inference trace."""
+
+    def __init__(self, grad_net: nn.Module, fast_net: torch.jit.ScriptModule | None) -> None:
+        super().__init__()
+        self.grad_net = grad_net
+        object.__setattr__(self, "_fast", fast_net)  # not a child: mode switches never reach it
+
+    def forward(self, x: Tensor) -> Tensor:
+        fast = self._fast
+        if fast is not None and not (torch.is_grad_enabled() and x.requires_grad):
+            with torch.no_grad():
+                return fast(x)
+        return self.grad_net(x)
+
+
+def _agrees(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.isfinite(a).all()) and \
+        float((a - b).abs().max()) <= AGREEMENT * max(1.0, float(b.abs().max()))
+
+
+def _inference_trace(model: nn.Module, probe: Tensor) -> torch.jit.ScriptModule | None:
+    """A frozen trace of ``model`` optimised for inference, or None where it does not agree."""
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(copy.deepcopy(model).eval(), probe[:3], check_trace=False)
+            fast = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+            for batch in (probe[:5], probe):
+                if not _agrees(fast(batch), model(batch)):
+                    return None
+            return fast
+    except Exception:  # anything that does not trace is run eagerly
+        return None
+
+
+def crafting_model(model: nn.Module, probe: Tensor, layout: str = "auto") -> nn.Module:
+    """What attacks craft on (see the module docstring); ``layout="keep"``, a model on another
+    device or dtype, without 2-D convolutions, or that cannot be copied: the model itself.
+    ``probe``: a few inputs of the evaluated shape (the check of the optimised copies)."""
+    params = list(model.parameters())
+    if layout != "auto" or not params or params[0].device.type != "cpu" or params[0].dtype != torch.float32:
+        return model
+    if probe.dim() != 4 or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return model
+    try:
+        twin = copy.deepcopy(model)
+    except Exception:  # a module that cannot be copied is attacked as it is
+        return model
+    twin = twin.to(memory_format=torch.channels_last).eval()
+    was = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            if not _agrees(twin(probe), model(probe)) or not _agrees(model(probe), model(probe)):
+                return model  # a randomised forward (or one the copy changes) is attacked as it is
+        fast = _inference_trace(model, probe)
+    finally:
+        for m, training in was:
+            m.training = training
+    return CraftingModel(twin, fast)
