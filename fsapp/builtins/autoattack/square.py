@@ -56,12 +56,14 @@ def _square_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, n_queries: i
     x_best = torch.clamp(x + eps * _random_sign([x.shape[0], c, 1, w], x.device), 0.0, 1.0)
     margin_min = _margin(model, x_best, y)
     shape = bshape(x)
+    n = x.shape[0]
     for i_iter in range(n_queries):
         idx = (margin_min > 0.0).nonzero().flatten()
         if idx.numel() == 0:
             break
-        x_best_curr = x_best[idx]
-        margin_min_curr = margin_min[idx]
+        everyone = idx.numel() == n  # no point fooled yet: work on the whole tensors, no gathers
+        x_best_curr = x_best if everyone else x_best[idx]
+        margin_min_curr = margin_min if everyone else margin_min[idx]
         p = _p_selection(p_init, i_iter, n_queries, rescale)
         s = max(int(round(math.sqrt(p * n_features / c))), 1)
         vh = _random_int(0, h - s)
@@ -69,11 +71,16 @@ def _square_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, n_queries: i
         delta = 2.0 * eps * _random_sign([c, 1, 1], x.device)
         x_new = x_best_curr.clone()
         win = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
-        x_new[win] = torch.clamp(x_best_curr[win] + delta, lower[idx][win], upper[idx][win])
-        margin = _margin(model, x_new, y[idx])
+        low, high = (lower, upper) if everyone else (lower[idx], upper[idx])
+        x_new[win] = torch.clamp(x_best_curr[win] + delta, low[win], high[win])
+        margin = _margin(model, x_new, y if everyone else y[idx])
         improved = (margin < margin_min_curr) | (margin <= 0.0)
-        margin_min[idx] = torch.where(improved, margin, margin_min_curr)
-        x_best[idx] = torch.where(improved.view(shape), x_new, x_best_curr)
+        if everyone:
+            margin_min = torch.where(improved, margin, margin_min)
+            x_best = torch.where(improved.view(shape), x_new, x_best)
+        else:
+            margin_min[idx] = torch.where(improved, margin, margin_min_curr)
+            x_best[idx] = torch.where(improved.view(shape), x_new, x_best_curr)
     return x_best
 
 
