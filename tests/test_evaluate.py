@@ -328,6 +328,9 @@ def test_eval_bench_figures():
     assert pgd["at_least_as_strong"]  # iterate tracking: never above torchattacks with the same start
     assert 0 < pgd["fsapp_pgd_attack"]["robust_accuracy"] < figures["clean_accuracy"]
     assert pgd["fsapp_pgd_evaluate"]["images_per_sec"] > 0 and isinstance(pgd["at_least_as_fast"], bool)
+    cw = figures["cw"]
+    assert {"fsapp_cw_attack", "fsapp_cw_evaluate", "torchattacks_cw"} <= set(cw) and cw["at_least_as_strong"]
+    assert cw["speedup_evaluate"] > 0 and len(figures["load_average"]) == 3
     json.dumps(figures)
 
 
