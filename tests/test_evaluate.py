@@ -228,7 +228,7 @@ def test_usage_errors(digits_model):
         evaluate(model, x, y, ["nope"])
     with pytest.raises(UsageError, match="unknown parameter"):
         evaluate(model, x, y, ["pgd:nope=1"])
-    assert set(SUITES) == {"default", "paper", "autoattack", "screen"}
+    assert set(SUITES) == {"default", "paper", "autoattack", "screen", "adaptive"}
 
 
 # --------------------------------------------------------------------------- resuming

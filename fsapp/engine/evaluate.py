@@ -62,11 +62,14 @@ SUITES: dict[str, tuple[str, ...]] = {
     "paper": ("fgsm:random_start=true", "pgd:steps=20", "pgd:steps=100", "cw:steps=20", "cw:steps=100"),
     "autoattack": ("autoattack",),
     "screen": ("screen",),
+    "adaptive": ("autoattack", "adaptive"),
 }
 """Named attack lists. ``default``: what an evaluation runs when no attack is named; ``paper``: the
 paper's protocol (FGSM with a random start and step eps, PGD-20/100 and CW-20/100 with step eps/4
 and a random start); ``autoattack``: the standard AutoAttack ensemble; ``screen``: the cheap tier
-for every epoch (APGD-CE, then APGD-T on the 3 nearest boundaries in MALT order)."""
+for every epoch (APGD-CE, then APGD-T on the 3 nearest boundaries in MALT order); ``adaptive``:
+``autoattack``, then the escalations the flags and the model's declarations call for
+(:mod:`fsapp.engine.adaptive`)."""
 
 OnBatch = Callable[[EvalProgress], Any]
 
@@ -276,7 +279,12 @@ def _evaluate(model, source, x, y, plans, batch_size, on_batch, defaults, seed, 
             job.crafters["source"] = crafting_model(source, probe, layout)
 
     clean, counts = _clean_pass(job, checks)
-    runs = [_attack_pass(job, plan, clean, primary) for plan in plans]
+    runs: list[AttackRun] = []
+    for plan in plans:
+        if getattr(plan.attack, "adaptive", False):
+            runs.append(_adaptive_pass(job, plan, clean, primary, runs, counts, checks))
+        else:
+            runs.append(_attack_pass(job, plan, clean, primary))
     if sh.active:
         clean, counts = _sum_over_ranks(clean, runs, counts)
 
@@ -322,14 +330,41 @@ def _clean_pass(job: _Pass, checks: bool) -> tuple[Tensor, Tensor]:
     return clean, counts
 
 
-def _attack_pass(job: _Pass, plan: _Plan, clean: Tensor, primary: ThreatModel | None) -> AttackRun:
-    """One attack over this process's batches (each seeded from its index, resumed ones read back)."""
+def _adaptive_pass(job: _Pass, plan: _Plan, clean: Tensor, primary: ThreatModel | None, runs: list[AttackRun],
+                   counts: Tensor, checks: bool) -> AttackRun:
+    """The ``adaptive`` attack: escalations chosen from the flags the runs so far raise and from what
+    the model declares (:mod:`fsapp.engine.adaptive`), run on the points every earlier attack in the
+    worst case left robust; each escalation's reason goes into the run."""
+    from fsapp.engine.adaptive import escalations, square_helped
+    from fsapp.engine.flags import check_flags, compute_flags
+
+    start = clean.clone()
+    for r in runs:
+        if r.in_worst_case:
+            start &= r.robust
+    provisional = Report(len(job.y), {"clean": frac(clean), **{r.key: frac(r.robust) for r in runs},
+                                      "worst_case": frac(start)}, clean, start, list(runs))
+    check_dict = dict(zip(CHECK_NAMES, [int(v) for v in counts.tolist()], strict=False)) if checks else {}
+    fired = [f["id"] for f in check_flags(check_dict) + compute_flags(provisional)]
+    mine = torch.cat([torch.arange(job.batches[b].start, job.batches[b].stop, device=job.x.device) for b in job.mine])
+    chosen = escalations(plan.attack.p, job.model, job.source, fired, square_helped(runs), job.x[mine], job.y[mine])
+    plan.stages = [(e.name, e.attack) for e in chosen]
+    run = _attack_pass(job, plan, clean, primary, start)
+    run.notes = {e.name: e.reason for e in chosen}
+    return run
+
+
+def _attack_pass(job: _Pass, plan: _Plan, clean: Tensor, primary: ThreatModel | None,
+                 start: Tensor | None = None) -> AttackRun:
+    """One attack over this process's batches (each seeded from its index, resumed ones read back),
+    on the points of ``start`` (default: the clean-correct ones)."""
     from fsapp.engine.evalstate import mask_to_str, str_to_mask
 
     device = job.x.device
     crafter = job.crafters["source" if plan.transfer else "model"]
-    robust = clean.clone()
-    stage_masks = {name: clean.clone() for name, _ in plan.stages}
+    first = clean if start is None else start
+    robust = first.clone()
+    stage_masks = {name: first.clone() for name, _ in plan.stages}
     stage_access = {name: kind_of(a, name)[0] for name, a in plan.stages}
     stage_seconds = {name: 0.0 for name, _ in plan.stages}
     tally = {"invalid": 0, "no_gradient": 0, "non_finite": 0}

@@ -19,6 +19,7 @@ each stage's examples.
 
 from __future__ import annotations
 
+import fsapp.engine.adaptive as adaptive  # its attack is registered here; it imports .apgd and .square
 from fsapp.builtins.autoattack.apgd import (
     APGD,
     APGDParams,
@@ -73,6 +74,9 @@ def register_attacks(register) -> None:  # noqa: ANN001 - the hook's register ca
     register("screen", screen, params=ScreenParams,
              description="screening tier: APGD-CE + APGD-T on the 3 nearest boundaries (MALT order); "
                          "agrees with autoattack on 99.5-100% of samples, see docs/benchmarks.md")
+    register("adaptive", adaptive.Adaptive, params=adaptive.AdaptiveParams,
+             description="escalations after the other attacks, chosen by the flags and the model's declarations: "
+                         "BPDA, EOT, transfer, heavier Square (suite 'adaptive' runs it after autoattack)")
     register("autoattack-fast", fast_autoattack, params=AutoAttackFastParams,
              description="cheaper AutoAttack-like ensemble (20-step APGD-CE/APGD-T, Square 1000); not standard")
 
