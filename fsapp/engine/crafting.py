@@ -27,20 +27,36 @@ AGREEMENT = 1e-4
 """Largest difference (relative to the logits' scale) the optimised copies may show."""
 
 
-class CraftingModel(nn.Module):
-    """``grad_net`` (channels-last copy) when autograd records, else the inference trace."""
+TRACE_AFTER = 8
+"""Forward-only passes after which the inference trace is built (it costs about as much as a few
+dozen forwards of a small CNN, so an attack that scores rarely, like PGD, never pays for it)."""
 
-    def __init__(self, grad_net: nn.Module, fast_net: torch.jit.ScriptModule | None) -> None:
+
+class CraftingModel(nn.Module):
+    """``grad_net`` (channels-last copy) when autograd records, else the inference trace of
+    ``model`` (built after :data:`TRACE_AFTER` forward-only passes; None if it does not agree)."""
+
+    def __init__(self, grad_net: nn.Module, model: nn.Module, probe: Tensor) -> None:
         super().__init__()
         self.grad_net = grad_net
-        object.__setattr__(self, "_fast", fast_net)  # not a child: mode switches never reach it
+        # not children: mode switches and buffer snapshots never reach them
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_probe", probe)
+        object.__setattr__(self, "_fast", None)
+        object.__setattr__(self, "_scoring_passes", 0)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return self.grad_net(x)
+        passes = self._scoring_passes + 1
+        object.__setattr__(self, "_scoring_passes", passes)
+        if passes == TRACE_AFTER:
+            object.__setattr__(self, "_fast", _inference_trace(self._model, self._probe))
         fast = self._fast
-        if fast is not None and not (torch.is_grad_enabled() and x.requires_grad):
-            with torch.no_grad():
-                return fast(x)
-        return self.grad_net(x)
+        if fast is None:
+            return self.grad_net(x)
+        with torch.no_grad():
+            return fast(x)
 
 
 def _agrees(a: Tensor, b: Tensor) -> bool:
@@ -50,6 +66,7 @@ def _agrees(a: Tensor, b: Tensor) -> bool:
 
 def _inference_trace(model: nn.Module, probe: Tensor) -> torch.jit.ScriptModule | None:
     """A frozen trace of ``model`` optimised for inference, or None where it does not agree."""
+    model = model.eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -83,8 +100,7 @@ def crafting_model(model: nn.Module, probe: Tensor, layout: str = "auto") -> nn.
         with torch.no_grad():
             if not _agrees(twin(probe), model(probe)) or not _agrees(model(probe), model(probe)):
                 return model  # a randomised forward (or one the copy changes) is attacked as it is
-        fast = _inference_trace(model, probe)
     finally:
         for m, training in was:
             m.training = training
-    return CraftingModel(twin, fast)
+    return CraftingModel(twin, copy.deepcopy(twin).to(memory_format=torch.contiguous_format), probe.detach().clone())
