@@ -368,7 +368,9 @@ def test_attacks_craft_on_a_faster_copy_of_the_same_function():
     x = torch.rand(40, 1, 8, 8)
     twin = crafting_model(model, x[:16])
     assert isinstance(twin, CraftingModel) and twin._fast is None
-    assert twin.grad_net.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    convs = [m for m in twin.grad_net.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in twin.grad_net.modules())  # folded
     with torch.no_grad():
         for _ in range(TRACE_AFTER):
             assert torch.allclose(twin(x), model(x), atol=1e-5)
