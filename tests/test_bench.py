@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from fsapp.bench import DEFAULT_VARIANTS, Variant, peak_memory, run_bench, time_attack
+from fsapp.cli.benchview import show_eval_bench
 from fsapp.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +64,9 @@ def test_time_attack():
     assert out["images_per_s"] > 0 and out["attack"].startswith("pgd")
 
 
+@pytest.mark.slow
 def test_bench_cli_json_and_table():
+    """The whole bench, the reference AutoAttack on 100 images included (about 40 s)."""
     args = ["bench", "--model", "mlp", "--repeats", "1", "--batch-size", "4", "--variant", "fp32",
             "--variant-model", "mlp", "--no-memory"]
     result = runner.invoke(app, [*args, "--json"])
@@ -73,7 +77,14 @@ def test_bench_cli_json_and_table():
     assert pgd["fsapp_pgd_attack"]["images_per_sec"] > 0 and pgd["torchattacks_pgd"]["images_per_sec"] > 0
     assert pgd["at_least_as_strong"] is True
     aa = figures["eval"]["autoattack"]
-    assert 0 <= aa["robust_accuracy"] <= aa["pgd_robust_accuracy_same_images"]
+    assert aa["more_robust_than_reference"] <= 1  # at least the reference's strength
+    assert list(aa["stage_seconds"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert 0.9 <= aa["screen"]["agreement"] <= 1 and aa["screen"]["speedup"] > 1
+    assert figures["eval"]["cw"]["at_least_as_strong"] is True
+    console = Console(record=True, width=200)
+    show_eval_bench(console, figures["eval"])
+    text = console.export_text()
+    assert "autoattack vs the reference" in text and "CW vs torchattacks" in text and "screen" in text
     result = runner.invoke(app, [*args, "--no-eval"])
     assert result.exit_code == 0, result.output
     assert "training step" in result.stdout and "execution options" in result.stdout

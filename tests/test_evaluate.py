@@ -228,7 +228,7 @@ def test_usage_errors(digits_model):
         evaluate(model, x, y, ["nope"])
     with pytest.raises(UsageError, match="unknown parameter"):
         evaluate(model, x, y, ["pgd:nope=1"])
-    assert set(SUITES) == {"default", "paper", "autoattack"}
+    assert set(SUITES) == {"default", "paper", "autoattack", "screen", "adaptive"}
 
 
 # --------------------------------------------------------------------------- resuming
@@ -328,4 +328,82 @@ def test_eval_bench_figures():
     assert pgd["at_least_as_strong"]  # iterate tracking: never above torchattacks with the same start
     assert 0 < pgd["fsapp_pgd_attack"]["robust_accuracy"] < figures["clean_accuracy"]
     assert pgd["fsapp_pgd_evaluate"]["images_per_sec"] > 0 and isinstance(pgd["at_least_as_fast"], bool)
+    cw = figures["cw"]
+    assert {"fsapp_cw_attack", "fsapp_cw_evaluate", "torchattacks_cw"} <= set(cw) and cw["at_least_as_strong"]
+    assert cw["speedup_evaluate"] > 0 and len(figures["load_average"]) == 3
     json.dumps(figures)
+
+
+# --------------------------------------------------------------------------- timings
+
+
+def test_stage_timings_sum_to_the_attack_time(digits_model):
+    model, x, y = digits_model
+    spec = "autoattack-fast:eps=0.1,steps=40,targets=3,queries=300,fab=true,seed=0"
+    report = evaluate(model, x, y, [spec], batch_size=60)
+    run = report.attacks[0]
+    assert list(run.stage_seconds) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert all(t >= 0 for t in run.stage_seconds.values())
+    assert sum(run.stage_seconds.values()) == pytest.approx(run.seconds, rel=0.05)
+    assert run.seconds <= report.seconds
+    timings = report.to_dict()["timings"]
+    assert timings["stages"][spec] == run.stage_seconds
+    assert timings["images_per_sec"][spec] == pytest.approx(len(y) / run.seconds)
+    json.dumps(timings)
+
+
+# --------------------------------------------------------------------------- crafting copies
+
+
+def _small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return get_registry().create("model", "small-cnn:width=8,hidden=16", num_classes=10, channels=1, size=8,
+                                 mean=(0.5,), std=(0.5,)).eval()
+
+
+def test_attacks_craft_on_a_faster_copy_of_the_same_function():
+    from fsapp.engine.crafting import TRACE_AFTER, CraftingModel, crafting_model
+
+    model = _small_cnn()
+    x = torch.rand(40, 1, 8, 8)
+    twin = crafting_model(model, x[:16])
+    assert isinstance(twin, CraftingModel) and twin._fast is None
+    convs = [m for m in twin.grad_net.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in twin.grad_net.modules())  # folded
+    with torch.no_grad():
+        for _ in range(TRACE_AFTER):
+            assert torch.allclose(twin(x), model(x), atol=1e-5)
+        assert twin._fast is not None  # the inference trace, built once scoring passes add up
+        assert torch.allclose(twin(x), model(x), atol=1e-5)
+    xg = x.clone().requires_grad_(True)
+    (g1,) = torch.autograd.grad(F.cross_entropy(twin(xg), torch.zeros(40, dtype=torch.long)), xg)
+    xg = x.clone().requires_grad_(True)
+    (g2,) = torch.autograd.grad(F.cross_entropy(model(xg), torch.zeros(40, dtype=torch.long)), xg)
+    assert torch.allclose(g1, g2, atol=1e-6)
+    assert model.features[0].weight.is_contiguous()  # the evaluated model is left as it was
+    assert crafting_model(model, x[:16], "keep") is model
+    noisy = nn.Sequential(model, _Noise())
+    assert crafting_model(noisy, x[:16]) is noisy  # a randomised forward is attacked as it is
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    assert crafting_model(mlp, x[:16]) is mlp
+
+
+class _Noise(nn.Module):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + torch.randn_like(z)
+
+
+def test_layout_does_not_change_what_is_counted():
+    model = _small_cnn()
+    torch.manual_seed(1)
+    x = torch.rand(60, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    spec = "autoattack-fast:eps=0.03,steps=10,targets=2,queries=50,seed=0"
+    fast = evaluate(model, x, y, [spec], batch_size=60)
+    kept = evaluate(model, x, y, [spec], batch_size=60, layout="keep")
+    assert fast.accuracy["clean"] == kept.accuracy["clean"] == 1.0
+    assert abs(int(fast.attacks[0].robust.sum()) - int(kept.attacks[0].robust.sum())) <= 1
+    with pytest.raises(UsageError, match="layout must be auto or keep"):
+        evaluate(model, x, y, [spec], layout="fast")

@@ -52,21 +52,39 @@ def show_bench(console: Console, figures: dict[str, Any]) -> None:
 
 
 def show_eval_bench(console: Console, ev: dict[str, Any]) -> None:
-    """PGD-20 throughput and strength against torchattacks, and AutoAttack throughput."""
-    table = Table(title=f"evaluation: PGD-{ev['steps']} on {ev['n']} images, eps {ev['eps']:.3g} ({ev['clock']})")
+    """PGD-20 and CW-20 against torchattacks' loops; AutoAttack and screen against the reference."""
+    table = Table(title=f"evaluation: {ev['steps']} steps on {ev['n']} images, eps {ev['eps']:.3g} ({ev['clock']})")
     for col in ("attack", "images/s", "robust accuracy"):
         table.add_column(col, justify="left" if col == "attack" else "right")
-    pgd = ev["pgd"]
-    for name in ("fsapp_pgd_attack", "fsapp_pgd_evaluate", "torchattacks_pgd"):
-        if name in pgd:
-            table.add_row(name, f"{pgd[name]['images_per_sec']:.0f}", f"{pgd[name]['robust_accuracy']:.1%}")
-    if "autoattack" in ev:
-        aa = ev["autoattack"]
+    for family in ("pgd", "cw"):
+        figures = ev.get(family, {})
+        for name in (f"fsapp_{family}_attack", f"fsapp_{family}_evaluate", f"torchattacks_{family}"):
+            if name in figures:
+                table.add_row(name, f"{figures[name]['images_per_sec']:.0f}", f"{figures[name]['robust_accuracy']:.1%}")
+    aa = ev.get("autoattack")
+    if aa:
         table.add_row(f"autoattack (n={aa['n']})", f"{aa['images_per_sec']:.1f}", f"{aa['robust_accuracy']:.1%}")
+        if "reference" in aa:
+            ref = aa["reference"]
+            table.add_row("reference AutoAttack", f"{ref['images_per_sec']:.1f}", f"{ref['robust_accuracy']:.1%}")
+        sc = aa["screen"]
+        table.add_row("screen", f"{aa['n'] / sc['seconds']:.1f}", f"{sc['robust_accuracy']:.1%}")
     console.print(table)
-    if "speedup_attack" in pgd:
-        console.print(f"fsapp PGD vs torchattacks: {pgd['speedup_attack']:.2f}x (attack), "
-                      f"{pgd['speedup_evaluate']:.2f}x (evaluator); at least as fast: {pgd['at_least_as_fast']}, "
-                      f"at least as strong: {pgd['at_least_as_strong']}", highlight=False)
+    for family in ("pgd", "cw"):
+        figures = ev.get(family, {})
+        if "speedup_attack" in figures:
+            console.print(f"fsapp {family.upper()} vs torchattacks: {figures['speedup_attack']:.2f}x (attack), "
+                          f"{figures['speedup_evaluate']:.2f}x (evaluator); at least as strong: "
+                          f"{figures['at_least_as_strong']}", highlight=False)
+    if aa:
+        if "speedup" in aa:
+            console.print(f"autoattack vs the reference: {aa['speedup']:.2f}x; samples more robust than the "
+                          f"reference: {aa['more_robust_than_reference']}, less robust: "
+                          f"{aa['less_robust_than_reference']}", highlight=False)
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in aa.get("stage_seconds", {}).items())
+        console.print(f"autoattack stages: {stages}; screen: {aa['screen']['speedup']:.1f}x faster, "
+                      f"agrees on {aa['screen']['agreement']:.1%} of samples", highlight=False)
+    if "load_average" in ev:
+        console.print("load average: " + " ".join(f"{v:.2f}" for v in ev["load_average"]), highlight=False)
     if "note" in ev:
         console.print(f"[dim]note: {ev['note']}[/]", highlight=False)

@@ -105,23 +105,26 @@ def render(console: Console, data: dict[str, Any], model_path: Path, report: Pat
              f"{eps_text(threat.get('eps'))}, seed {data['seed']}")
     table = Table(title=Text(title))
     for col, just in (("attack", "left"), ("threat", "left"), ("accuracy", "right"), ("robust", "right"),
-                      ("seconds", "right")):
+                      ("seconds", "right"), ("images/s", "right")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     acc, counts, n = data["accuracy"], data["robust_count"], data["n"]
-    table.add_row("clean", "", f"{acc['clean']:.1%}", f"{counts['clean']}/{n}", "")
+    table.add_row("clean", "", f"{acc['clean']:.1%}", f"{counts['clean']}/{n}", "", "")
+    rates = data.get("timings", {}).get("images_per_sec", {})
     for run in data["attacks"]:
         t = run["threat_model"]
         tm = (f"{t['norm']} {eps_text(t['eps'])}" if t["eps"] is not None else "unbounded") + ("" if run["in_worst_case"] else " (not in worst case)")
         table.add_row(Text(run["key"]), Text(tm), f"{run['accuracy']:.1%}", f"{counts[run['key']]}/{n}",
-                      f"{run['seconds']:.1f}")
+                      f"{run['seconds']:.1f}", f"{rates[run['key']]:.1f}" if run["key"] in rates else "")
+        stage_seconds = data.get("timings", {}).get("stages", {}).get(run["key"], {})
         for stage, value in run["stages"].items():
-            table.add_row(Text(f"  after {stage}"), "", f"{value:.1%}", "", "", style="dim")
+            sec = f"{stage_seconds[stage]:.1f}" if stage in stage_seconds else ""
+            table.add_row(Text(f"  after {stage}"), "", f"{value:.1%}", "", sec, "", style="dim")
     if data["attacks"]:
         table.add_row("worst case", "", f"{acc['worst_case']:.1%}", f"{counts['worst_case']}/{n}",
-                      f"{data['seconds']:.1f}", style="bold")
+                      f"{data['seconds']:.1f}", "", style="bold")
     gap = data.get("gap_ce_minus_margin")
     if gap is not None:
-        table.add_row("gap CE - margin", "", f"{gap:+.1%}", "", "", style="yellow" if gap > 0.05 else "dim")
+        table.add_row("gap CE - margin", "", f"{gap:+.1%}", "", "", "", style="yellow" if gap > 0.05 else "dim")
     console.print(table)
     for sw in data.get("sweeps", []):
         console.print(Text(f"accuracy vs {sw['key']} ({n} samples)", style="bold"))

@@ -29,6 +29,10 @@ How an evaluation runs:
 - Model checks run on the clean data (:func:`fsapp.engine.checks.model_checks`); they and the
   attack results feed the flags of :mod:`fsapp.engine.flags`.
 - With ``state=PATH`` every finished batch is saved atomically; ``resume=True`` continues it.
+- On the CPU, attacks craft on faster copies of a convolutional model (``layout="auto"``,
+  :mod:`fsapp.engine.crafting`: channels-last for gradients, a frozen inference trace for
+  forwards; the same function to float rounding); every example is still counted by the model
+  itself. ``layout="keep"`` crafts on the model as given.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from torch import Tensor
 
 from fsapp.adversary import ThreatModel, cascade, kind_of, predict, preserved_state, threat_of
 from fsapp.engine.checks import CHECK_NAMES, check_examples, model_checks, validate_output
+from fsapp.engine.crafting import crafting_model
 from fsapp.engine.report import AttackRun, EvalProgress, Report, frac
 from fsapp.errors import PluginError, UsageError
 from fsapp.registry import apply_defaults, make_params, parse_spec
@@ -56,10 +61,15 @@ SUITES: dict[str, tuple[str, ...]] = {
     "default": ("pgd:steps=20", "cw:steps=20"),
     "paper": ("fgsm:random_start=true", "pgd:steps=20", "pgd:steps=100", "cw:steps=20", "cw:steps=100"),
     "autoattack": ("autoattack",),
+    "screen": ("screen",),
+    "adaptive": ("autoattack", "adaptive"),
 }
 """Named attack lists. ``default``: what an evaluation runs when no attack is named; ``paper``: the
 paper's protocol (FGSM with a random start and step eps, PGD-20/100 and CW-20/100 with step eps/4
-and a random start); ``autoattack``: the standard AutoAttack ensemble."""
+and a random start); ``autoattack``: the standard AutoAttack ensemble; ``screen``: the cheap tier
+for every epoch (APGD-CE, then APGD-T on the 3 nearest boundaries in MALT order); ``adaptive``:
+``autoattack``, then the escalations the flags and the model's declarations call for
+(:mod:`fsapp.engine.adaptive`)."""
 
 OnBatch = Callable[[EvalProgress], Any]
 
@@ -146,6 +156,7 @@ def evaluate(
     checks: bool = True,
     shard: bool = False,
     fingerprint: dict[str, Any] | None = None,
+    layout: str = "auto",
 ) -> Report:
     """Evaluate ``model`` on (x, y) against ``attacks`` (spec strings); see :class:`Report`.
 
@@ -157,7 +168,7 @@ def evaluate(
     Progress goes to ``on_batch(EvalProgress)`` (``on_progress(key, done, total)`` is the same
     channel, shortened); an exception raised there stops the evaluation (finished batches stay in
     the state file). ``checks`` runs the model checks on the clean data; ``fingerprint`` adds items
-    a resumed state must match.
+    a resumed state must match. ``layout``: "auto" or "keep" (see the module docstring).
     """
     from fsapp.engine import distributed as ddp
 
@@ -173,6 +184,8 @@ def evaluate(
     y = y.to(device)
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
+    if layout not in ("auto", "keep"):
+        raise UsageError(f"layout must be auto or keep, got {layout!r}")
     if transfer and source is None:
         raise UsageError("transfer attacks need a source model to craft them on")
     plans = [_plan(s, defaults, False) for s in attacks] + [_plan(s, defaults, True) for s in transfer]
@@ -190,7 +203,7 @@ def evaluate(
     try:
         with torch.random.fork_rng(devices=cuda):
             return _evaluate(model, source, x, y, plans, batch_size, report_to, defaults, seed, state, resume,
-                             checks, sh, fingerprint, start)
+                             checks, sh, fingerprint, start, layout)
     finally:
         for m, training in modes:
             m.training = training
@@ -236,6 +249,7 @@ class _Pass:
     seed: int
     batch_size: int
     on_batch: OnBatch | None
+    crafters: dict[str, torch.nn.Module] = dataclasses.field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -243,7 +257,7 @@ class _Pass:
 
 
 def _evaluate(model, source, x, y, plans, batch_size, on_batch, defaults, seed, state_path,  # noqa: ANN001
-              resume, checks, sh, fingerprint, start) -> Report:
+              resume, checks, sh, fingerprint, start, layout="auto") -> Report:
     from fsapp.engine.evalstate import EvalState, model_digest, tensor_digest
     from fsapp.engine.flags import check_flags, compute_flags
 
@@ -258,9 +272,19 @@ def _evaluate(model, source, x, y, plans, batch_size, on_batch, defaults, seed, 
               "source": model_digest(source) if source is not None else None, **(fingerprint or {})}
     job = _Pass(model, source, x, y, batches, [b for b in range(len(batches)) if sh.owns(b)],
                 EvalState.open(state_path, fp, resume), seed, batch_size, on_batch)
+    if plans:
+        probe = x[:16]
+        job.crafters["model"] = crafting_model(model, probe, layout)
+        if source is not None and any(p.transfer for p in plans):
+            job.crafters["source"] = crafting_model(source, probe, layout)
 
     clean, counts = _clean_pass(job, checks)
-    runs = [_attack_pass(job, plan, clean, primary) for plan in plans]
+    runs: list[AttackRun] = []
+    for plan in plans:
+        if getattr(plan.attack, "adaptive", False):
+            runs.append(_adaptive_pass(job, plan, clean, primary, runs, counts, checks))
+        else:
+            runs.append(_attack_pass(job, plan, clean, primary))
     if sh.active:
         clean, counts = _sum_over_ranks(clean, runs, counts)
 
@@ -306,15 +330,43 @@ def _clean_pass(job: _Pass, checks: bool) -> tuple[Tensor, Tensor]:
     return clean, counts
 
 
-def _attack_pass(job: _Pass, plan: _Plan, clean: Tensor, primary: ThreatModel | None) -> AttackRun:
-    """One attack over this process's batches (each seeded from its index, resumed ones read back)."""
+def _adaptive_pass(job: _Pass, plan: _Plan, clean: Tensor, primary: ThreatModel | None, runs: list[AttackRun],
+                   counts: Tensor, checks: bool) -> AttackRun:
+    """The ``adaptive`` attack: escalations chosen from the flags the runs so far raise and from what
+    the model declares (:mod:`fsapp.engine.adaptive`), run on the points every earlier attack in the
+    worst case left robust; each escalation's reason goes into the run."""
+    from fsapp.engine.adaptive import escalations, square_helped
+    from fsapp.engine.flags import check_flags, compute_flags
+
+    start = clean.clone()
+    for r in runs:
+        if r.in_worst_case:
+            start &= r.robust
+    provisional = Report(len(job.y), {"clean": frac(clean), **{r.key: frac(r.robust) for r in runs},
+                                      "worst_case": frac(start)}, clean, start, list(runs))
+    check_dict = dict(zip(CHECK_NAMES, [int(v) for v in counts.tolist()], strict=False)) if checks else {}
+    fired = [f["id"] for f in check_flags(check_dict) + compute_flags(provisional)]
+    mine = torch.cat([torch.arange(job.batches[b].start, job.batches[b].stop, device=job.x.device) for b in job.mine])
+    chosen = escalations(plan.attack.p, job.model, job.source, fired, square_helped(runs), job.x[mine], job.y[mine])
+    plan.stages = [(e.name, e.attack) for e in chosen]
+    run = _attack_pass(job, plan, clean, primary, start)
+    run.notes = {e.name: e.reason for e in chosen}
+    return run
+
+
+def _attack_pass(job: _Pass, plan: _Plan, clean: Tensor, primary: ThreatModel | None,
+                 start: Tensor | None = None) -> AttackRun:
+    """One attack over this process's batches (each seeded from its index, resumed ones read back),
+    on the points of ``start`` (default: the clean-correct ones)."""
     from fsapp.engine.evalstate import mask_to_str, str_to_mask
 
     device = job.x.device
-    crafter = job.source if plan.transfer else job.model
-    robust = clean.clone()
-    stage_masks = {name: clean.clone() for name, _ in plan.stages}
+    crafter = job.crafters["source" if plan.transfer else "model"]
+    first = clean if start is None else start
+    robust = first.clone()
+    stage_masks = {name: first.clone() for name, _ in plan.stages}
     stage_access = {name: kind_of(a, name)[0] for name, a in plan.stages}
+    stage_seconds = {name: 0.0 for name, _ in plan.stages}
     tally = {"invalid": 0, "no_gradient": 0, "non_finite": 0}
     seconds, done, total = 0.0, 0, job.total
 
@@ -335,10 +387,10 @@ def _attack_pass(job: _Pass, plan: _Plan, clean: Tensor, primary: ThreatModel | 
             def notify(stage: str, done: int = done, b: int = b, seconds: float = seconds) -> None:
                 progress(stage, done, b - 1, seconds)
 
-            robust_b, stage_b, found = _attack_batch(plan, crafter, job.model, job.x[s], job.y[s], robust[s].clone(),
-                                                     job.batch_size, notify)
+            robust_b, stage_b, found, stage_t = _attack_batch(plan, crafter, job.model, job.x[s], job.y[s],
+                                                              robust[s].clone(), job.batch_size, notify)
             rec = {"robust": mask_to_str(robust_b), **found, "seconds": time.perf_counter() - t0,
-                   "stages": {k: mask_to_str(v) for k, v in stage_b.items()}}
+                   "stages": {k: mask_to_str(v) for k, v in stage_b.items()}, "stage_seconds": stage_t}
             job.state.put(plan.key, b, rec)
         robust[s] = str_to_mask(rec["robust"], device)
         for name, text in rec.get("stages", {}).items():
@@ -346,12 +398,15 @@ def _attack_pass(job: _Pass, plan: _Plan, clean: Tensor, primary: ThreatModel | 
                 stage_masks[name][s] = str_to_mask(text, device)
         for k in tally:
             tally[k] += int(rec.get(k, 0))
+        for name, sec in (rec.get("stage_seconds") or {}).items():
+            if name in stage_seconds:
+                stage_seconds[name] += float(sec)
         seconds += float(rec.get("seconds", 0.0))
         done += s.stop - s.start
         progress("", done, b, seconds, resumed)
     return AttackRun(plan.spec, plan.name, plan.params, robust, seconds, tally["invalid"], plan.threat, plan.access,
                      plan.loss, plan.transfer, plan.threat.within(primary), plan.resolved, stage_masks, stage_access,
-                     tally["no_gradient"], tally["non_finite"])
+                     tally["no_gradient"], tally["non_finite"], stage_seconds)
 
 
 def _sum_over_ranks(clean: Tensor, runs: list[AttackRun], counts: Tensor) -> tuple[Tensor, Tensor]:
@@ -373,21 +428,30 @@ def _sum_over_ranks(clean: Tensor, runs: list[AttackRun], counts: Tensor) -> tup
     m = len(runs)
     for i, r in enumerate(runs):
         r.invalid, r.no_gradient, r.non_finite = int(scalars[i]), int(scalars[m + i]), int(scalars[2 * m + i])
-    secs = ddp.all_max(torch.tensor([r.seconds for r in runs] + [0.0], dtype=torch.float64))
+    secs = ddp.all_max(torch.tensor([r.seconds for r in runs] + [t for r in runs for t in r.stage_seconds.values()]
+                                    + [0.0], dtype=torch.float64))
+    k = len(runs)
     for i, r in enumerate(runs):
         r.seconds = float(secs[i])
+        for name in r.stage_seconds:
+            r.stage_seconds[name] = float(secs[k])
+            k += 1
     return clean, scalars[3 * m:]
 
 
 def _attack_batch(plan: _Plan, crafter, model, xb: Tensor, yb: Tensor, robust_b: Tensor,  # noqa: ANN001
-                  batch_size: int, notify: Callable[[str], None]) -> tuple[Tensor, dict[str, Tensor], dict[str, int]]:
+                  batch_size: int, notify: Callable[[str], None]
+                  ) -> tuple[Tensor, dict[str, Tensor], dict[str, int], dict[str, float]]:
     """Attack the still-robust points of one batch (every stage of a staged attack in turn).
 
     Returns (robust mask, stage masks, counts: invalid examples, points an attack could not
-    differentiate, examples with a non-finite output).
+    differentiate, examples with a non-finite output; seconds per stage: from the end of the
+    previous stage to the end of this one, checks and the fresh forward included).
     """
     found = {"invalid": 0, "no_gradient": 0, "non_finite": 0}
     stage_b: dict[str, Tensor] = {}
+    stage_t: dict[str, float] = {}
+    clock = [time.perf_counter()]
 
     def labels(x_adv: Tensor) -> Tensor:
         pred = predict(model, x_adv, batch_size)
@@ -405,13 +469,16 @@ def _attack_batch(plan: _Plan, crafter, model, xb: Tensor, yb: Tensor, robust_b:
         return run
 
     def record(stage: str, mask: Tensor) -> None:
+        now = time.perf_counter()
         if stage:
             stage_b[stage] = mask.clone()
+            stage_t[stage] = now - clock[0]
+        clock[0] = now
 
     steps = plan.stages or [("", plan.attack)]
     _, robust_b = cascade(crafter, xb, yb, [(name, guarded(name, a)) for name, a in steps], robust=robust_b,
                           labels=labels, on_stage=record)
-    return robust_b, stage_b, found
+    return robust_b, stage_b, found, stage_t
 
 
 def _call_attack(plan: _Plan, stage: str, attack: Any, net: torch.nn.Module, model: torch.nn.Module, xs: Tensor,

@@ -22,7 +22,10 @@ class AttackRun:
 
     ``stages`` maps each stage of a staged attack to the cumulative per-sample robustness after
     it; ``transfer`` attacks were crafted on a source model and measured on the evaluated one;
-    ``non_finite`` counts examples on which the evaluated model's output was not finite.
+    ``non_finite`` counts examples on which the evaluated model's output was not finite;
+    ``seconds`` is the attack's time over its batches and ``stage_seconds`` splits it by stage
+    (each stage's attack, its example checks and the fresh forward on its examples); ``notes``
+    says why each stage of an ``adaptive`` run was chosen.
     """
 
     spec: str
@@ -41,6 +44,8 @@ class AttackRun:
     stage_access: dict[str, str] = field(default_factory=dict)
     no_gradient: int = 0
     non_finite: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -82,6 +87,20 @@ class Report:
         """Cumulative accuracy after each stage of a staged attack."""
         return {name: frac(mask) for name, mask in run.stages.items()}
 
+    def escalations(self, run: AttackRun) -> dict[str, dict[str, Any]]:
+        """Each stage of an ``adaptive`` run: why it ran and how many points it fooled."""
+        before = self.clean.clone()
+        for other in self.attacks:
+            if other is run:
+                break
+            if other.in_worst_case:
+                before &= other.robust
+        out: dict[str, dict[str, Any]] = {}
+        for name, mask in run.stages.items():
+            out[name] = {"reason": run.notes.get(name, ""), "fooled": int((before & ~mask).sum())}
+            before = mask
+        return out
+
     def to_dict(self, per_sample: bool = True) -> dict[str, Any]:
         """The JSON report (``per_sample``: 0/1 strings of each attack's and the worst-case mask)."""
         data: dict[str, Any] = {
@@ -98,12 +117,16 @@ class Report:
                  "threat_model": r.threat.to_dict(), "access": "transfer" if r.transfer else r.access,
                  "loss": r.loss, "in_worst_case": r.in_worst_case, "accuracy": self.accuracy[r.key],
                  "stages": self.stage_accuracy(r), "seconds": r.seconds, "invalid_examples": r.invalid,
-                 "no_gradient": r.no_gradient, "non_finite_outputs": r.non_finite}
+                 "no_gradient": r.no_gradient, "non_finite_outputs": r.non_finite,
+                 **({"escalations": self.escalations(r)} if r.notes else {})}
                 for r in self.attacks
             ],
             "checks": dict(self.checks),
             "flags": list(self.flags),
-            "timings": {"total": self.seconds, **{r.key: r.seconds for r in self.attacks}},
+            # every clock reading lives here and in "seconds" (two runs of one evaluation differ only there)
+            "timings": {"total": self.seconds, **{r.key: r.seconds for r in self.attacks},
+                        "stages": {r.key: dict(r.stage_seconds) for r in self.attacks if r.stage_seconds},
+                        "images_per_sec": {r.key: self.n / r.seconds for r in self.attacks if r.seconds > 0}},
             "seconds": self.seconds,
             "world_size": self.world_size,
         }

@@ -19,12 +19,23 @@ each stage's examples.
 
 from __future__ import annotations
 
-from fsapp.builtins.autoattack.apgd import APGD, APGDParams, APGDTParams, apgd, dlr_loss, dlr_loss_targeted
+import fsapp.engine.adaptive as adaptive  # its attack is registered here; it imports .apgd and .square
+from fsapp.builtins.autoattack.apgd import (
+    APGD,
+    APGDParams,
+    APGDTParams,
+    apgd,
+    dlr_loss,
+    dlr_loss_targeted,
+    malt_order,
+)
 from fsapp.builtins.autoattack.ensemble import (
     AutoAttack,
     AutoAttackFastParams,
     AutoAttackParams,
+    ScreenParams,
     fast_autoattack,
+    screen,
     standard_autoattack,
 )
 from fsapp.builtins.autoattack.fab import FABTargeted, FABTParams, fab_targeted
@@ -40,6 +51,7 @@ __all__ = [
     "dlr_loss",
     "dlr_loss_targeted",
     "fab_targeted",
+    "malt_order",
     "square_linf",
 ]
 
@@ -59,6 +71,12 @@ def register_attacks(register) -> None:  # noqa: ANN001 - the hook's register ca
              description="Square Attack: score-based random search, 5000 queries (black-box)")
     register("autoattack", standard_autoattack, params=AutoAttackParams,
              description="AutoAttack, standard version: APGD-CE, APGD-T, FAB-T, Square (RobustBench protocol)")
+    register("screen", screen, params=ScreenParams,
+             description="screening tier: APGD-CE + APGD-T on the 3 nearest boundaries (MALT order), 6-8x cheaper; "
+                         "agreed with autoattack on 100% of 2x400 digits samples (docs/benchmarks.md)")
+    register("adaptive", adaptive.Adaptive, params=adaptive.AdaptiveParams,
+             description="escalations after the other attacks, chosen by the flags and the model's declarations: "
+                         "BPDA, EOT, transfer, heavier Square (suite 'adaptive' runs it after autoattack)")
     register("autoattack-fast", fast_autoattack, params=AutoAttackFastParams,
              description="cheaper AutoAttack-like ensemble (20-step APGD-CE/APGD-T, Square 1000); not standard")
 

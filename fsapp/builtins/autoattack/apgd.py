@@ -46,6 +46,36 @@ def dlr_loss_targeted(logits: Tensor, y: Tensor, y_target: Tensor) -> Tensor:
 
 
 
+MALT_CANDIDATES = 20
+"""MALT ordering scores at most this many classes (the highest logits) per point."""
+
+
+def malt_order(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Wrong classes nearest first by the linearised L-inf distance to their decision boundary,
+    ``(z_y - z_t) / ||grad_x (z_y - z_t)||_1`` (MALT, Melamed et al. 2024), per point: ``[n, k-1]``.
+
+    Among more than ``MALT_CANDIDATES`` classes only the highest logits are scored (the rest follow
+    in logit order). Costs one forward and one backward per scored class.
+    """
+    with input_grad_mode():
+        xg = x.detach().clone().requires_grad_(True)
+        z = model(xg)
+        n, k = z.shape
+        u = torch.arange(n, device=x.device)
+        by_logit = z.detach().clone()
+        by_logit[u, y] = -float("inf")
+        ranked = by_logit.argsort(dim=1, descending=True)[:, : k - 1]
+        scored = min(k - 1, MALT_CANDIDATES)
+        zy = z[u, y]
+        dist = torch.empty(n, scored, device=x.device)
+        for j in range(scored):
+            diff = zy - z[u, ranked[:, j]]
+            (g,) = torch.autograd.grad(diff.sum(), xg, retain_graph=j < scored - 1)
+            dist[:, j] = diff.detach() / (g.flatten(1).abs().sum(1) + 1e-12)
+        nearest = ranked[:, :scored].gather(1, dist.argsort(dim=1))
+        return torch.cat([nearest, ranked[:, scored:]], dim=1)
+
+
 def _apgd_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, rho: float,
               loss_fn: LossFn) -> tuple[Tensor, Tensor]:
     """One APGD run from a random start; returns (robust after every iterate, first fooling iterate)."""
@@ -127,8 +157,10 @@ def _apgd_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, rh
 
 def apgd(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255, steps: int = 100, restarts: int = 1,
          loss: str = "ce", targets: int = 0, rho: float = 0.75, seed: int | None = None,
-         strict: bool = True) -> Tensor:
-    """APGD with ``loss`` "ce" or "dlr", or targeted DLR over ``targets`` classes (``targets > 0``).
+         strict: bool = True, order: str = "logits") -> Tensor:
+    """APGD with ``loss`` "ce" or "dlr", or targeted DLR over ``targets`` classes (``targets > 0``):
+    the highest logits of the points still robust (``order="logits"``, the reference) or the
+    nearest boundaries by :func:`malt_order` computed once on the clean points (``"malt"``).
 
     Each restart (and each target class) runs only on the points still robust; a point fooled at
     any iterate returns that iterate. With too few classes for the loss (DLR: 3, targeted: 4) it
@@ -148,6 +180,7 @@ def apgd(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255, steps: in
                 raise ValueError(f"APGD with this loss needs at least {needed} classes, the model has {n_classes}")
             return adv
         ranks: list[int | None] = list(range(2, min(targets, n_classes - 1) + 2)) if targets > 0 else [None]
+        nearest = malt_order(model, x, y) if targets > 0 and order == "malt" else None
         for rank in ranks:
             for _ in range(restarts):
                 ind = acc.nonzero().flatten()
@@ -155,7 +188,10 @@ def apgd(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255, steps: in
                     break
                 xs, ys = x[ind], y[ind]
                 if rank is not None:
-                    y_target = logits_of(model, xs).sort(dim=1)[1][:, -rank]
+                    if nearest is not None:
+                        y_target = nearest[ind, rank - 2]
+                    else:
+                        y_target = logits_of(model, xs).sort(dim=1)[1][:, -rank]
 
                     def loss_fn(z: Tensor, t: Tensor, y_target: Tensor = y_target) -> Tensor:
                         return dlr_loss_targeted(z, t, y_target)
@@ -192,25 +228,30 @@ class APGDTParams(APGDParams):
     """APGD-T: targeted DLR loss, one run per target class (the top ``targets`` wrong classes)."""
 
     targets: int = 9
+    order: str = "logits"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.targets < 1:
             raise ValueError(f"targets must be >= 1, got {self.targets}")
+        if self.order not in ("logits", "malt"):
+            raise ValueError(f"order must be logits or malt, got {self.order!r}")
 
 
 
 class APGD(LinfAttack):
     """``apgd-ce`` / ``apgd-dlr`` / ``apgd-t``: ``attack(model, x, y) -> x_adv``."""
 
-    def __init__(self, p: APGDParams, loss: str = "ce", targets: int = 0, strict: bool = True) -> None:
+    def __init__(self, p: APGDParams, loss: str = "ce", targets: int = 0, strict: bool = True,
+                 order: str = "logits") -> None:
         self.eps, self.steps, self.restarts, self.rho, self.seed = p.eps, p.steps, p.restarts, p.rho, p.seed
         self.loss = "margin" if loss == "dlr" or targets else "ce"
         self.dlr = loss == "dlr"
         self.targets = targets
         self.strict = strict
+        self.order = getattr(p, "order", order)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return apgd(model, x, y, self.eps, self.steps, self.restarts, "dlr" if self.dlr else "ce", self.targets,
-                    self.rho, self.seed, self.strict)
+                    self.rho, self.seed, self.strict, self.order)
 

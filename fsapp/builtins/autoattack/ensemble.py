@@ -40,6 +40,21 @@ class AutoAttackFastParams:
             raise ValueError("steps and targets must be >= 1, queries >= 0")
 
 
+@dataclass
+class ScreenParams:
+    """The screening tier: APGD-CE, then APGD-T on the ``targets`` nearest boundaries (MALT order)."""
+
+    eps: float = 8 / 255
+    steps: int = 100
+    targets: int = 3
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_common(self.eps, 1)
+        if self.steps < 1 or self.targets < 1:
+            raise ValueError("steps and targets must be >= 1")
+
+
 class AutoAttack(LinfAttack):
     """An ensemble whose ``stages`` run in order, each on the points the previous ones left robust.
 
@@ -62,6 +77,17 @@ def standard_autoattack(p: AutoAttackParams) -> AutoAttack:
         ("apgd-t", APGD(APGDParams(eps=p.eps, steps=100, restarts=1, seed=p.seed), "dlr", targets=9, strict=False)),
         ("fab-t", FABTargeted(FABTParams(eps=p.eps, steps=100, targets=9, restarts=1, seed=p.seed))),
         ("square", Square(SquareParams(eps=p.eps, queries=5000, restarts=1, seed=p.seed))),
+    ])
+
+
+def screen(p: ScreenParams) -> AutoAttack:
+    """``screen``: APGD-CE and APGD-T on the nearest ``targets`` classes (MALT ordering), each at
+    ``steps`` iterations; the cheap tier for live evaluation (its agreement with the full
+    ``autoattack`` is measured in docs/benchmarks.md)."""
+    return AutoAttack(p.eps, [
+        ("apgd-ce", APGD(APGDParams(eps=p.eps, steps=p.steps, seed=p.seed), "ce")),
+        ("apgd-t", APGD(APGDParams(eps=p.eps, steps=p.steps, seed=p.seed), "dlr", targets=p.targets, strict=False,
+                        order="malt")),
     ])
 
 

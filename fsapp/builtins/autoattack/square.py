@@ -26,11 +26,10 @@ def _p_selection(p_init: float, it: int, n_queries: int, rescale: bool) -> float
 
 
 def _margin(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """``z_y - max_{j != y} z_j`` in float32 (the reference's margin, in fewer operations)."""
     z = logits_of(model, x).to(torch.float32)
-    u = torch.arange(x.shape[0], device=x.device)
-    y_corr = z[u, y].clone()
-    z[u, y] = -float("inf")
-    return y_corr - z.max(dim=-1)[0]
+    label = y.unsqueeze(1)
+    return z.gather(1, label).squeeze(1) - z.scatter(1, label, -float("inf")).amax(1)
 
 
 def _random_sign(shape: list[int], device: torch.device) -> Tensor:
@@ -43,31 +42,45 @@ def _random_int(low: int, high: int) -> int:
 
 def _square_run(model: nn.Module, x: Tensor, y: Tensor, eps: float, n_queries: int, p_init: float,
                 rescale: bool) -> Tensor:
-    """One Square run (margin loss); returns the best point found for each sample."""
+    """One Square run (margin loss); returns the best point found for each sample.
+
+    The reference's arithmetic, value for value, with less work per query: the ball-and-box clip
+    ``clamp(min(max(v, x - eps), x + eps), 0, 1)`` is one clamp to precomputed bounds (the same
+    selection of values), and only the square that changes is added and clipped (outside it the
+    reference adds zero to a point already inside the bounds, which leaves it unchanged).
+    """
     c, h, w = x.shape[1:]
     n_features = c * h * w
+    lower = (x - eps).clamp(0.0, 1.0)
+    upper = (x + eps).clamp(0.0, 1.0)
     x_best = torch.clamp(x + eps * _random_sign([x.shape[0], c, 1, w], x.device), 0.0, 1.0)
     margin_min = _margin(model, x_best, y)
+    shape = bshape(x)
+    n = x.shape[0]
     for i_iter in range(n_queries):
         idx = (margin_min > 0.0).nonzero().flatten()
         if idx.numel() == 0:
             break
-        x_curr = x[idx]
-        x_best_curr = x_best[idx]
-        y_curr = y[idx]
-        margin_min_curr = margin_min[idx]
+        everyone = idx.numel() == n  # no point fooled yet: work on the whole tensors, no gathers
+        x_best_curr = x_best if everyone else x_best[idx]
+        margin_min_curr = margin_min if everyone else margin_min[idx]
         p = _p_selection(p_init, i_iter, n_queries, rescale)
         s = max(int(round(math.sqrt(p * n_features / c))), 1)
         vh = _random_int(0, h - s)
         vw = _random_int(0, w - s)
-        new_deltas = torch.zeros([c, h, w], device=x.device)
-        new_deltas[:, vh:vh + s, vw:vw + s] = 2.0 * eps * _random_sign([c, 1, 1], x.device)
-        x_new = x_best_curr + new_deltas
-        x_new = torch.min(torch.max(x_new, x_curr - eps), x_curr + eps).clamp(0.0, 1.0)
-        margin = _margin(model, x_new, y_curr)
+        delta = 2.0 * eps * _random_sign([c, 1, 1], x.device)
+        x_new = x_best_curr.clone()
+        win = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
+        low, high = (lower, upper) if everyone else (lower[idx], upper[idx])
+        x_new[win] = torch.clamp(x_best_curr[win] + delta, low[win], high[win])
+        margin = _margin(model, x_new, y if everyone else y[idx])
         improved = (margin < margin_min_curr) | (margin <= 0.0)
-        margin_min[idx] = torch.where(improved, margin, margin_min_curr)
-        x_best[idx] = torch.where(improved.view(bshape(x_new)), x_new, x_best_curr)
+        if everyone:
+            margin_min = torch.where(improved, margin, margin_min)
+            x_best = torch.where(improved.view(shape), x_new, x_best)
+        else:
+            margin_min[idx] = torch.where(improved, margin, margin_min_curr)
+            x_best[idx] = torch.where(improved.view(shape), x_new, x_best_curr)
     return x_best
 
 
