@@ -66,6 +66,7 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ("fsapp.app.examples", "safetensors"): APP_ON_DEMAND,
     ("fsapp.app.examples", "safetensors.torch"): APP_ON_DEMAND,
     ("fsapp.app.evaljob", "fsapp._version"): APP_ON_DEMAND,
+    ("fsapp.tui.screens.report", "fsapp.app.examples"): TUI_FAST,
     ("fsapp.app.evaljob", "fsapp.checkpoint"): APP_ON_DEMAND,
     ("fsapp.app.evaljob", "fsapp.engine.distributed"): APP_ON_DEMAND,
     ("fsapp.app.evaljob", "fsapp.engine.evaluate"): APP_ON_DEMAND,
