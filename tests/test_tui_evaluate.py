@@ -13,7 +13,6 @@ from test_tui import run_app, wait_for
 
 from fsapp.app.evaljob import EvalRequest as JobRequest
 from fsapp.app.evaljob import run_eval
-from fsapp.app.jobs import EvalRequest
 from fsapp.tui.pixels import HALF, half_blocks, pair_lines, tile
 from fsapp.tui.reports import saved_reports
 

@@ -90,8 +90,8 @@ class EvaluateScreen(Screen[None]):
             yield Field("batch size", Input("250", compact=True, id="batch_size"))
             yield Field("eps", Input("", placeholder="empty: the model file's eval eps", compact=True, id="eps"))
             yield Field("device", Input("auto", compact=True, id="device"))
-            yield Field("RobustBench JSON", Input("", compact=True, id="robustbench",
-                                                  placeholder="a path to also write a RobustBench entry (adds autoattack)"))
+            yield Field("RobustBench", Input("", compact=True, id="robustbench",
+                                                  placeholder="a .json path for a RobustBench entry (adds autoattack)"))
             yield Static(id="eval-command", classes="hint")
             with Horizontal(id="eval-actions"):
                 yield Button("Run (ctrl+r)", variant="success", id="run", compact=True)
