@@ -67,6 +67,13 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ("fsapp.app.evaljob", "fsapp.engine.sweep"): APP_ON_DEMAND,
     ("fsapp.app.evaljob", "fsapp.plugins"): AT_RUN_TIME,
     ("fsapp.app.evaljob", "fsapp.registry"): APP_ON_DEMAND,
+    ("fsapp.app.examples", "fsapp.adversary"): APP_ON_DEMAND,
+    ("fsapp.app.examples", "fsapp.checkpoint"): APP_ON_DEMAND,
+    ("fsapp.app.examples", "fsapp.engine.checks"): APP_ON_DEMAND,
+    ("fsapp.app.examples", "fsapp.plugins"): AT_RUN_TIME,
+    ("fsapp.app.examples", "fsapp.registry"): APP_ON_DEMAND,
+    ("fsapp.app.examples", "safetensors"): APP_ON_DEMAND,
+    ("fsapp.app.examples", "safetensors.torch"): APP_ON_DEMAND,
     ("fsapp.app.jobs", "fsapp.config"): APP_ON_DEMAND,
     ("fsapp.app.reproduce", "fsapp.checkpoint"): APP_ON_DEMAND,
     ("fsapp.app.reproduce", "fsapp.plugins"): AT_RUN_TIME,
@@ -78,6 +85,7 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ("fsapp.bench.evaluation", "fsapp.engine.distributed"): BENCH_ONLY,
     ("fsapp.bench.evaluation", "fsapp.engine.evaluate"): BENCH_ONLY,
     ("fsapp.bench.evaluation", "fsapp.engine.step"): BENCH_ONLY,
+    ("fsapp.bench.evaluation", "fsapp.losses"): BENCH_ONLY,
     ("fsapp.bench.evaluation", "fsapp.plugins"): AT_RUN_TIME,
     ("fsapp.bench.evaluation", "torch.nn.functional"): HEAVY_OPTIONAL + " (the benchmark's reference or profiler)",
     ("fsapp.bench.evaluation", "torchattacks"): HEAVY_OPTIONAL + " (the benchmark's reference or profiler)",
@@ -112,6 +120,7 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ("fsapp.config", "fsapp.plugins"): AT_RUN_TIME,
     ("fsapp.config", "fsapp.registry"): REDUNDANT,
     ("fsapp.engine.distributed", "torch.nn.parallel"): "DDP is needed only to unwrap a model under torchrun",
+    ("fsapp.engine.evaluate", "fsapp.engine.adaptive"): ENGINE_ON_DEMAND,
     ("fsapp.engine.evaluate", "fsapp.engine.distributed"): ENGINE_ON_DEMAND,
     ("fsapp.engine.evaluate", "fsapp.engine.evalstate"): HOISTABLE,
     ("fsapp.engine.evaluate", "fsapp.engine.flags"): ENGINE_ON_DEMAND,
@@ -137,6 +146,7 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ("fsapp.tui.screens.evaluate", "fsapp.engine.sweep"): TUI_FAST,
     ("fsapp.tui.screens.newrun", "fsapp.plugins"): AT_RUN_TIME,
     ("fsapp.tui.screens.plugins", "fsapp.plugins"): AT_RUN_TIME,
+    ("fsapp.tui.screens.report", "fsapp.app.examples"): TUI_FAST,
 }
 
 # Where pickle may be imported, and torch.load called, with the reason.

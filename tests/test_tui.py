@@ -477,7 +477,7 @@ def _tiny_model_file(path: Path) -> Path:
 def comparable(report: dict) -> dict:
     """A report without what differs between two runs of the same evaluation (times, file names)."""
     if isinstance(report, dict):
-        return {k: comparable(v) for k, v in report.items() if k not in ("created", "seconds", "timings", "png")}
+        return {k: comparable(v) for k, v in report.items() if k not in ("created", "seconds", "timings", "png", "file")}
     if isinstance(report, list):
         return [comparable(v) for v in report]
     return report

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from fsapp.app.examples import save_examples
 from fsapp.data import to_unit
 from fsapp.engine import events as ev
 from fsapp.engine.evaluate import SUITES
@@ -174,6 +175,7 @@ def _run(req: EvalRequest, emit: Callable[[ev.Event], None], stream: "_EventFile
         _remove_states(state_file)
         ddp.finish()
         return None
+    save_examples(model, x, y, data, target, defaults)  # beside the report, named in it (fsapp.app.examples)
     write_outputs(data, meta, target, req.robustbench_json, state_file)
     _remove_states(state_file)
     if shard.active:

@@ -63,6 +63,7 @@ class EvalRequest:
     batch_size: int = 250
     eps: str = ""
     device: str = "auto"
+    robustbench_json: Path | None = None
 
     def args(self) -> list[str]:
         """The arguments after ``fsapp`` (without ``--out`` and ``--events``, which the job adds)."""
@@ -80,6 +81,8 @@ class EvalRequest:
             out += ["--eps", self.eps]
         if self.device != "auto":
             out += ["--device", self.device]
+        if self.robustbench_json is not None:
+            out += ["--robustbench-json", str(self.robustbench_json)]
         return out
 
 

@@ -45,7 +45,7 @@ def read_report(path: Path) -> dict[str, Any]:
 
 
 def report_kind(data: dict[str, Any]) -> str:
-    """``suite paper``, ``autoattack``, ``sweep eps``, ``pgd:steps=20 cw:steps=20``... (+ landscape)."""
+    """``suite paper``, ``autoattack``, ``sweep eps``, ``pgd:steps=20 cw:steps=20``... (+ landscape, examples)."""
     settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
     parts: list[str] = []
     suites = [str(s) for s in settings.get("suites") or []]
@@ -61,6 +61,8 @@ def report_kind(data: dict[str, Any]) -> str:
         parts.append("transfer")
     if "landscape" in data:
         parts.append("landscape")
+    if isinstance(data.get("examples"), dict):
+        parts.append("examples")
     return " · ".join(parts)
 
 

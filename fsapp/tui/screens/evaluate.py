@@ -1,9 +1,11 @@
 """The Evaluate screen: the ``fsapp eval`` command line as a form, run as its own process.
 
 The form builds the command a CLI user would type (suites, attacks, sweeps, transfer source, n,
-seed, batch size, eps, device) and shows it; Run asks the app to launch it. The table fills from the
+seed, batch size, eps, device, RobustBench entry) and shows it; Run asks the app to launch it. An n
+larger than the test split is capped by the job; the screen says so from the first progress event. The table fills from the
 job's progress events (one row per attack, and per attack and point of a sweep); the result is read
-from the report file the job names when it finishes, the same JSON the CLI writes.
+from the report file the job names when it finishes, the same JSON the CLI writes. A failure (a
+refused start, a JobFailed event, a nonzero exit) is one line, and the screen is ready to run again.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class EvaluateScreen(Screen[None]):
         self.busy = False
         self.done: dict[str, int] = {}
         self.n = 0
+        self.capped = 0
         self.expected = 0
         self.report: dict[str, Any] | None = None
 
@@ -87,6 +90,8 @@ class EvaluateScreen(Screen[None]):
             yield Field("batch size", Input("250", compact=True, id="batch_size"))
             yield Field("eps", Input("", placeholder="empty: the model file's eval eps", compact=True, id="eps"))
             yield Field("device", Input("auto", compact=True, id="device"))
+            yield Field("RobustBench", Input("", compact=True, id="robustbench",
+                                                  placeholder="a .json path for a RobustBench entry (adds autoattack)"))
             yield Static(id="eval-command", classes="hint")
             with Horizontal(id="eval-actions"):
                 yield Button("Run (ctrl+r)", variant="success", id="run", compact=True)
@@ -124,6 +129,9 @@ class EvaluateScreen(Screen[None]):
                 raise UsageError(f"{label} must be a whole number, got {self.text(wid)!r}") from None
         if not self.text("model"):
             raise UsageError("give a model file (a .safetensors file written by fsapp)")
+        unknown = [s for s in self.text("suites").split() if s not in suite_names()]
+        if unknown:
+            raise UsageError(f"unknown suite '{unknown[0]}'; available: {', '.join(suite_names())}")
         if len(self.text("eps").split()) > 1:
             raise UsageError("eps takes one value; for a curve over eps use the sweep field (eps=0:16/255:9)")
         try:
@@ -132,7 +140,9 @@ class EvaluateScreen(Screen[None]):
             raise UsageError(f"cannot read the form: {exc}") from None
         return EvalRequest(model=Path(self.text("model")), suites=suites, attacks=attacks, sweeps=sweeps,
                            source=Path(self.text("source")) if self.text("source") else None,
-                           eps=self.text("eps"), device=self.text("device") or "auto", **numbers)
+                           eps=self.text("eps"), device=self.text("device") or "auto",
+                           robustbench_json=Path(self.text("robustbench")) if self.text("robustbench") else None,
+                           **numbers)
 
     def show_command(self, report: Path | None = None) -> None:
         """The command line the form stands for (with ``--out`` once the job has its report path)."""
@@ -177,7 +187,7 @@ class EvaluateScreen(Screen[None]):
         self.query_one("#eval-table", DataTable).clear()
         self.query_one("#sweep-plot").display = False
         self.query_one("#eval-flags").display = False
-        self.done, self.report, self.job, self.n = {}, None, None, request.n
+        self.done, self.report, self.job, self.n, self.capped = {}, None, None, request.n, 0
         points = 0
         for text in request.sweeps:
             try:
@@ -234,6 +244,11 @@ class EvaluateScreen(Screen[None]):
         self.show_status(f"evaluating {event.model} on {event.n} test samples…")
 
     def progress(self, event: ev.EvalProgress) -> None:
+        if 0 < event.total < self.n and not self.capped:
+            self.capped = event.total  # the test split is smaller than the n asked for
+            self.show_status(f"evaluating {event.total} test samples: n={self.n} asked, the test split has "
+                             f"{event.total} (n is capped to the split)…")
+            self.query_one("#eval-progress", ProgressBar).update(total=max(self.expected, 1) * event.total)
         table = self.query_one("#eval-table", DataTable)
         if event.key not in table.rows:
             table.add_row(Text(event.key), "", "", "", "", key=event.key)
@@ -261,7 +276,10 @@ class EvaluateScreen(Screen[None]):
         self.fill_report(report)
         bar = self.query_one("#eval-progress", ProgressBar)
         bar.update(total=bar.total or 1, progress=bar.total or 1)
-        self.show_status(f"done · report: {event.report}")
+        cap = (f" · n capped to the test split: {report.get('n')} of the {self.n} asked"
+               if isinstance(report.get("n"), int) and report["n"] < self.n else "")
+        examples = " · examples saved" if isinstance(report.get("examples"), dict) else ""
+        self.show_status(f"done · report: {event.report}{cap}{examples}")
 
     def fill_report(self, report: dict[str, Any]) -> None:
         """The table from the report: clean, each attack, worst case, then each sweep point."""

@@ -1,4 +1,5 @@
-"""The Report screen: one saved evaluation report (``eval/*.json``) as tables and curves."""
+"""The Report screen: one saved evaluation report (``eval/*.json``) as tables, curves and, when the
+report saved them, its adversarial examples beside their clean images as half-block pixels."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 from textual_plotext import PlotextPlot
 
+from fsapp.errors import UsageError
 from fsapp.tui.fmt import pct, value
+from fsapp.tui.pixels import half_blocks, pair_lines, tile
 from fsapp.tui.reports import read_report, report_kind
 from fsapp.tui.widgets import Series, draw, flag_lines, gap_text, legend, series_colors
 
@@ -69,6 +72,7 @@ class ReportScreen(Screen[None]):
             if "landscape" in self.data:
                 yield PlotextPlot(id="landscape", classes="report-plot")
                 yield Static(id="landscape-legend", classes="legend")
+            yield Static(id="report-examples")
             yield Static(id="report-flags")
             yield Static(id="report-notes", classes="hint")
         yield Footer()
@@ -99,11 +103,44 @@ class ReportScreen(Screen[None]):
             draw(self.query_one("#landscape", PlotextPlot), "loss landscape", series, xlabel=xkey)
             self.query_one("#landscape-legend", Static).update(
                 legend(series) if series else Text("the landscape holds no curve to draw", style="dim"))
+        self.show_examples(d)
         notes = [str(n) for n in d.get("notes") or []]
         if settings.get("source"):
             notes.insert(0, f"transfer attacks crafted on {settings['source']}")
         self.query_one("#report-notes", Static).update(Text("\n".join(notes)))
         self.query_one("#report-acc", DataTable).focus()
+
+    def show_examples(self, d: dict[str, Any]) -> None:
+        """The saved clean/adversarial pairs as half-block pixels, "y=3 → 8" under each pair."""
+        box = self.query_one("#report-examples", Static)
+        box.display = False
+        entry = d.get("examples")
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            return
+        name = entry["file"]
+        if Path(name).name != name:  # a report names a file beside it, never a path elsewhere
+            box.update(Text(f"examples: {name!r} is not a file name beside the report", style="red"))
+            box.display = True
+            return
+        from fsapp.app.examples import load_examples
+
+        try:
+            t = load_examples(self.path.with_name(name))
+        except UsageError as exc:
+            box.update(Text(f"examples: {exc}", style="red"))
+            box.display = True
+            return
+        blocks = []
+        for i in range(t["clean"].shape[0]):
+            y, pred = int(t["labels"][i]), int(t["adv_pred"][i])
+            caption = Text.assemble(f"y={y} → ", (str(pred) if pred >= 0 else "?",
+                                                  "bold red" if pred != y else "green"))
+            blocks.append(pair_lines(half_blocks(t["clean"][i].tolist()), half_blocks(t["adversarial"][i].tolist()),
+                                     caption))
+        head = Text.assemble(("examples", "bold"), f" · clean left, {entry.get('attack', '?')} right",
+                             (f" · picture: {entry['png']}" if isinstance(entry.get("png"), str) else "", "dim"))
+        box.update(Text("\n").join([head, tile(blocks, max(20, self.app.size.width - 4))]))
+        box.display = True
 
     def fill_table(self, d: dict[str, Any]) -> None:
         table = self.query_one("#report-acc", DataTable)
