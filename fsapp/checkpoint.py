@@ -838,6 +838,13 @@ def _checkpoint_meta(path: str | Path, meta: dict[str, str]) -> tuple[dict[str, 
     return state, opt
 
 
+def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's ``state`` (epoch, step, config digest...), checked, from its header alone."""
+    with open_safetensors(path, "checkpoint") as box:
+        state, _ = _checkpoint_meta(path, box.meta)
+    return state
+
+
 def _check_counters(path: str | Path, state: dict[str, Any], steps_per_epoch: int | None = None) -> None:
     where = f"{path}: checkpoint state"
     for key in ("epoch", "step", "global_step"):

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fsapp.checkpoint import read_checkpoint_state
 from fsapp.config import load_tables
 from fsapp.engine import events as ev
 from fsapp.engine.plan import comparable
@@ -44,24 +45,9 @@ def refuse_finished(run_path: Path, epochs: int) -> None:
 
 
 def checkpoint_state(path: Path) -> dict[str, Any]:
-    """The ``state`` a checkpoint records (epoch, step, config...), read from its header alone."""
-    if not path.is_file():
-        raise UsageError(f"{path}: not a regular file; cannot resume from it")
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            size = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 < size <= MAX_HEADER:
-                raise ValueError("bad header length")
-            header = json.loads(fh.read(size))
-        state = json.loads(header["__metadata__"]["state"])
-        if not isinstance(state, dict):
-            raise ValueError("state is not an object")
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (ValueError, KeyError, TypeError, RecursionError):
-        raise UsageError(f"{path}: not a readable fsapp checkpoint (its header has no training state)") from None
-    return state
+    """The ``state`` a checkpoint records (epoch, step, config...), read from its header alone and
+    checked as the checkpoint loader checks it."""
+    return read_checkpoint_state(path)
 
 
 def config_changes(stored: dict[str, Any], raw: dict[str, Any]) -> list[str]:
