@@ -136,7 +136,9 @@ def test_no_wrapping_when_piped(tmp_path):
     assert proc.returncode == 2 and proc.stderr == f"error: config file not found: {deep}\n"
     proc = _cli("config", "presets")
     lines = proc.stdout.splitlines()
-    assert len(lines) == 6 and all(": " in line and " " not in line.split(":")[0] for line in lines)
+    from fsapp.config import PRESETS
+
+    assert len(lines) == len(PRESETS) and all(": " in line and " " not in line.split(":")[0] for line in lines)
     assert max(map(len, lines)) > 80  # long lines exist and came out whole
     proc = _cli("plugins", "list")
     row = next(line for line in proc.stdout.splitlines() if " mlp " in line)

@@ -315,7 +315,7 @@ def test_synthetic_bad_parameters(reg):
 @pytest.mark.parametrize(("spec", "needle"), [
     ("synthetic:size=100000", "'size' = 100000 is out of range; valid: 1..1024"),
     ("synthetic:classes=1000000", "'classes' = 1000000 is out of range; valid: 2..10000"),
-    ("synthetic:n_train=10000000", "'n_train' = 10000000 is out of range; valid: 1..1e+06"),
+    ("synthetic:n_train=10000000", "'n_train' = 10000000 is out of range; valid: 1..1000000"),
     ("synthetic:seed=-1", "'seed' = -1 is out of range"),
     ("synthetic:n_train=1000000,size=64", "would need about 307 GB to generate (limit 8.59 GB)"),
     ("synthetic:classes=10000,channels=64,size=1024", "GB to generate"),

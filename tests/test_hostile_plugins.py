@@ -257,7 +257,7 @@ def test_component_error_in_evaluation_is_one_line_exit_1(install_plugin, fresh_
 
     install_plugin("runtime-plugin", "runtime_mod3", RUNTIME)
     reg = fresh_registry()
-    params = {"num_classes": 10, "channels": 1, "size": 8, "hidden": 8, "layers": 1}
+    params = {"num_classes": 10, "channels": 1, "size": 8, "hidden": 8, "layers": 1, "mean": (0.3,), "std": (0.3,)}
     model = reg.create("model", "mlp", **params)
     path = save_model(tmp_path / "model.safetensors", model, model_metadata("mlp", params, dataset="digits"))
     runner = CliRunner()

@@ -131,8 +131,10 @@ def test_fsapp_train_on_an_image_folder_end_to_end(tmp_path):
     assert f'root = "{root}"' in (run / "config.toml").read_text()
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in events if e["event"] == "EvalResult"]
-    assert len(evals) == 1 and evals[0]["n"] == 6 and set(evals[0]["accuracy"]) == {"clean", "pgd:steps=2",
-                                                                                      "worst_case"}
+    manifest = json.loads((run / "manifest.json").read_text())
+    held_out = manifest["live_eval"]["validation_images"]  # live evaluation never touches the test split
+    assert len(evals) == 1 and evals[0]["split"] == "validation" and evals[0]["n"] == min(6, held_out)
+    assert set(evals[0]["accuracy"]) == {"clean", "pgd:steps=2", "worst_case"}
     from fsapp.checkpoint import read_safetensors
 
     _, meta = read_safetensors(run / "model.safetensors")

@@ -308,7 +308,7 @@ def cited_documents() -> list[tuple[str, Path, str, str]]:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             where = f"{path.relative_to(ROOT)}:{number}"
             for match in CITATION.finditer(line):
-                if match.group(1) in WRITTEN_FILES:
+                if Path(match.group(1)).name in WRITTEN_FILES:
                     continue
                 out.append((where, path, match.group(1), (match.group(2) or "")[1:]))
             if path.suffix == ".md":
