@@ -323,7 +323,7 @@ def test_train_from_the_form_pause_stop_resume_and_compare(tmp_path):
         await wait_for(pilot, lambda: len(dash.state.epochs) >= 2 and table.row_count >= 2,
                        "two epochs and two robustness rows")
         assert [c.label.plain for c in table.columns.values()][:5] == [
-            "epoch", "clean", "pgd:steps=2", "cw:steps=2", "worst case"]
+            "epoch", "clean", "pgd:steps=2", "cw:steps=2", "worst"]
         assert dash.state.started.device == "cpu" and "img/s" in str(dash.query_one("#rate").render())
         # pause holds the run between steps (the run's own log says so); stop saves a checkpoint
         await pilot.press("p")

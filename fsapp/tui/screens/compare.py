@@ -185,7 +185,8 @@ class CompareScreen(Screen[None]):
         if not diff:
             rows = [[Text("(same configuration)"), *["" for _ in names]]]
         columns = [("key", "key")] + [(Text(n), str(i)) for i, n in enumerate(names)]
-        fill_table(self.query_one("#diff", DataTable), columns, rows,
+        keys = [key for key, _ in diff] or ["(same configuration)"]
+        fill_table(self.query_one("#diff", DataTable), columns, rows, keys=keys,
                    cap=[24] + [max(len(n) for n in names) + 4] * len(names))
 
     def draw_curves(self, states: list[RunState], names: list[str]) -> None:
