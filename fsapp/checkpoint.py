@@ -1013,7 +1013,8 @@ def restore_checkpoint(
         raise UsageError(f"{path}: checkpoint does not match the configured model ({first})") from None
     torch.set_rng_state(tensors["rng.torch"])
     if torch.cuda.is_available():
-        cuda_states = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
+        keys = [t for t in tensors if t.startswith("rng.cuda.") and t.removeprefix("rng.cuda.").isdigit()]
+        cuda_states = [tensors[k] for k in sorted(keys, key=lambda k: int(k.removeprefix("rng.cuda.")))]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
     state["_extra"] = {k: v for k, v in tensors.items() if k.startswith("extra.")}

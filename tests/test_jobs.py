@@ -155,9 +155,11 @@ def test_a_killed_run_leaves_the_app_alive_and_resumes_from_the_tui(tmp_path):
         await pilot.press("enter")  # its dashboard, from the runs list
         await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen), "the dashboard")
         dash = app.screen
-        await wait_for(pilot, lambda: dash.state.checkpoint is not None, "the first checkpoint")
-        await pilot.press("p")  # hold it, so the kill lands mid-run
+        await wait_for(pilot, lambda: dash.state.steps, "the first steps")
+        await pilot.press("p")  # hold it early (a tiny run could otherwise finish first), so the kill lands mid-run
         await wait_for(pilot, lambda: dash.state.paused, "the pause")
+        await pilot.press("c")  # a checkpoint taken while paused: what the resume continues from
+        await wait_for(pilot, lambda: dash.state.checkpoint is not None, "the checkpoint")
         os.kill(job.pid, signal.SIGKILL)
         await wait_for(pilot, lambda: "● killed · " in str(dash.query_one("#title").render()), "the kill shown")
         assert "killed by SIGKILL" in str(dash.query_one("#title").render())
