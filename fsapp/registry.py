@@ -252,6 +252,18 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def eps_text(eps: float | None) -> str:
+    """An eps for people (the display formatter; :func:`format_value` is the one the spec parser
+    reads back): ``8/255`` when eps is a whole number of 1/255 steps (and no short decimal), else
+    the number in at most 6 significant digits (``0.1``, never ``0.09999999999999999``)."""
+    if eps is None:
+        return "unbounded"
+    k = eps * 255
+    if abs(k - round(k)) < 1e-6 and abs(round(eps, 4) - eps) > 1e-12:
+        return f"{round(k)}/255"
+    return f"{eps:.6g}"
+
+
 def make_params(component: Component, values: dict[str, Any]) -> Any:
     """Build the component's params dataclass from ``values``, with one-line errors."""
     cls = component.params

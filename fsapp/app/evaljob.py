@@ -33,6 +33,7 @@ from fsapp.data import to_unit
 from fsapp.engine import events as ev
 from fsapp.engine.evaluate import SUITES
 from fsapp.errors import FsappError, UsageError
+from fsapp.registry import eps_text
 
 DEFAULT_ATTACKS: tuple[str, ...] = SUITES["default"]
 """What an evaluation runs when it names no attack, suite or sweep."""
@@ -451,16 +452,6 @@ def load_test_split(meta: dict[str, Any], n: int, seed: int, data_root: str | No
 
 
 # --------------------------------------------------------------------------- outputs
-
-
-def eps_text(eps: float | None) -> str:
-    """``8/255`` when eps is a whole number of 1/255 steps (and no short decimal), else the number."""
-    if eps is None:
-        return "unbounded"
-    k = eps * 255
-    if abs(k - round(k)) < 1e-6 and abs(round(eps, 4) - eps) > 1e-12:
-        return f"{round(k)}/255"
-    return f"{eps:.6g}"
 
 
 def architecture(meta: dict[str, Any]) -> str:

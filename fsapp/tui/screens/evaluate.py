@@ -28,10 +28,11 @@ from textual_plotext import PlotextPlot
 from fsapp.app.jobs import EvalRequest, Job
 from fsapp.engine import events as ev
 from fsapp.errors import UsageError
+from fsapp.registry import eps_text
 from fsapp.tui.fmt import pct
 from fsapp.tui.form import to_text
 from fsapp.tui.messages import EvalJobEvents, EvalJobRefused, EvalJobStarted, JobsChanged, StartEval
-from fsapp.tui.widgets import Field, draw, gap_text
+from fsapp.tui.widgets import Field, Series, draw, gap_text, legend, series_colors
 
 COLUMNS = (("attack", "attack"), ("progress", "progress"), ("accuracy", "accuracy"), ("seconds", "seconds"),
            ("invalid", "invalid"))
@@ -47,7 +48,7 @@ def suite_names() -> list[str]:
 
 def point_text(key: str, value: float) -> str:
     """A sweep point as ``eps=8/255`` or ``steps=20``."""
-    return f"{key}={to_text(value)}"
+    return f"{key}={eps_text(value) if key == 'eps' else to_text(value)}"
 
 
 class EvaluateScreen(Screen[None]):
@@ -100,6 +101,7 @@ class EvaluateScreen(Screen[None]):
             yield DataTable(id="eval-table", zebra_stripes=True, cursor_type="row")
             yield Static(id="eval-flags")
             yield PlotextPlot(id="sweep-plot")
+            yield Static(id="sweep-legend")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -186,6 +188,7 @@ class EvaluateScreen(Screen[None]):
 
         self.query_one("#eval-table", DataTable).clear()
         self.query_one("#sweep-plot").display = False
+        self.query_one("#sweep-legend").display = False
         self.query_one("#eval-flags").display = False
         self.done, self.report, self.job, self.n, self.capped = {}, None, None, request.n, 0
         points = 0
@@ -313,10 +316,14 @@ class EvaluateScreen(Screen[None]):
         plot = self.query_one("#sweep-plot", PlotextPlot)
         plot.display = True
         xs = [float(v) for v in sweep["values"]]
-        series = [(spec, xs, curve) for spec, curve in sweep["curves"].items()]
+        series = [Series(spec, xs, curve) for spec, curve in sweep["curves"].items()]
         if len(series) > 1:
-            series.append(("worst case", xs, sweep["worst_case"]))
-        draw(plot, f"accuracy vs {sweep['key']}", series, xlabel=sweep["key"], ylim=(0.0, 1.0))
+            series.append(Series("worst case", xs, sweep["worst_case"]))
+        colored = series_colors(series)  # the legend goes under the plot, never on the curves
+        draw(plot, f"accuracy vs {sweep['key']}", colored, xlabel=sweep["key"], ylim=(0.0, 1.0))
+        legend_box = self.query_one("#sweep-legend", Static)
+        legend_box.update(legend(colored))
+        legend_box.display = True
 
     def fail(self, error: str) -> None:
         """One line; the screen is ready for the next run."""
