@@ -242,3 +242,12 @@ def test_the_newest_matching_report_of_a_run_is_used(tmp_path):
         os.utime(path, (when, when))
     row = build_table([run]).rows[0]
     assert row.members[0].source.endswith("a-new.json") and row.cell("clean").mean == 0.62
+
+
+def test_replicas_with_the_same_seed_are_rows_not_a_seed_group(tmp_path):
+    write_run(tmp_path / "a", 3, [acc(0.9, 0.5, 0.4)])
+    write_run(tmp_path / "b", 3, [acc(0.8, 0.3, 0.2)])
+    table = build_table([tmp_path / "a", tmp_path / "b"])
+    assert [row.label for row in table.rows] == ["a", "b"]
+    assert any("share their configuration and seed" in note for note in table.notes)
+    assert "±" not in render(table, "md")

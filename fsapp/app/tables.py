@@ -323,6 +323,12 @@ def _rows(items: list[tuple[str, Any]], notes: list[str]) -> list[Row]:
     for kind, item in items:
         if kind == "run" and item.config and item.best is not None:
             groups.setdefault(group_key(item.config), []).append(item)
+    for key, members in list(groups.items()):
+        seeds = [(m.config.get("run") or {}).get("seed") for m in members]
+        if len(members) > 1 and len(set(map(str, seeds))) < len(seeds):  # replicas, not a seed group
+            notes.append(f"{', '.join(m.path.resolve().name for m in members)} share their configuration and "
+                         "seed: shown as separate rows, not as a seed group")
+            del groups[key]
     rows: list[Row] = []
     placed: set[str] = set()
     for kind, item in items:

@@ -150,7 +150,7 @@ class CompareScreen(Screen[None]):
             v = r.accuracy.get("worst_case")
             if getattr(r, "split", "test") == split and v is not None and (best is None or v > best[0]):
                 best = (v, r.epoch)
-        return "—" if best is None else f"{pct(best[0])} ep{best[1] + 1} {split[:4]}"
+        return "—" if best is None else f"{pct(best[0])} ep{best[1] + 1} {'val' if split == 'validation' else split}"
 
     def fill_summary(self, states: list[RunState], names: list[str]) -> None:
         lasts = [s.last_eval for s in states]
