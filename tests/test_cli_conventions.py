@@ -114,10 +114,10 @@ def test_bracketed_text_in_errors_survives(tmp_path, monkeypatch):
 
 
 def test_training_output_prints_paths_and_messages_literally():
-    out = io.StringIO()
+    out, err = io.StringIO(), io.StringIO()
     console = Console(file=out, width=60, soft_wrap=True)
     run_dir = "runs/[/x]-" + "d" * 120
-    with TrainRenderer(console) as renderer:
+    with TrainRenderer(console, Console(file=err, width=60, soft_wrap=True)) as renderer:
         renderer.handle(ev.RunStarted(run_dir, "cpu", 1, 1, 0, 0, False))
         renderer.handle(ev.Warning("plugin said [red]hi[/]"))
         renderer.handle(ev.EvalResult(0, 10, {"pgd[x]": 0.5, "worst_case": 0.5}, None,
@@ -125,7 +125,7 @@ def test_training_output_prints_paths_and_messages_literally():
         renderer.handle(ev.Finished(run_dir + "/model.safetensors", run_dir, 2.0))
     text = out.getvalue()
     assert f"fsapp training in {run_dir} on cpu" in text
-    assert "warning: plugin said [red]hi[/]" in text and "flag odd[/]: see [docs]" in text
+    assert "warning: plugin said [red]hi[/]" in err.getvalue() and "flag odd[/]: see [docs]" in text
     assert "pgd[x]" in text and f"finished in 2s; model: {run_dir}/model.safetensors" in text
 
 
@@ -148,3 +148,14 @@ def test_no_wrapping_when_piped(tmp_path):
 def test_license_is_an_spdx_string():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["license"] == "MIT"
+
+
+def test_train_results_on_stdout_progress_never_printed_in_a_pipe(tmp_path):
+    proc = _cli("train", "--set", "schedule.epochs=1", "--set", "data.train_limit=120", "--set", "eval.n=20",
+                "--set", "eval.attacks=['pgd:steps=2']", "--set", "model.name=mlp",
+                "--set", f"run.runs_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("fsapp training in ") and lines[-1].startswith("finished in ")
+    assert "epoch 1: loss" in proc.stdout and "img/s" not in proc.stdout  # no progress bar in the results
+    assert "img/s" not in proc.stderr and "ETA" not in proc.stderr  # nor on stderr when it is not a terminal

@@ -62,10 +62,13 @@ def robustness_table(event: ev.EvalResult, title: str | None = None) -> Table:
 
 
 class TrainRenderer:
-    """Consumes training events and shows them on a Rich console."""
+    """Consumes training events: results (epoch lines, robustness tables, the final line) on
+    ``console`` (stdout), the live progress bar and warnings on stderr. The bar shows only on a
+    terminal and vanishes when the run ends; when stdout is a terminal too, results print through
+    the bar's console so the two never garble each other."""
 
-    def __init__(self, console: Console) -> None:
-        self.console = console
+    def __init__(self, console: Console, err_console: Console | None = None) -> None:
+        err = err_console or make_console(stderr=True)
         self.progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}"),
             BarColumn(),
@@ -76,9 +79,13 @@ class TrainRenderer:
             TextColumn("lr {task.fields[lr]:.3g}"),
             TextColumn("ETA"),
             TimeRemainingColumn(),
-            console=console,
-            transient=False,
+            console=err,
+            transient=True,
+            disable=not err.is_terminal,
         )
+        live = err.is_terminal
+        self.console = err if live and console.is_terminal else console
+        self.diagnostics = err
         self.task = None
 
     def __enter__(self) -> "TrainRenderer":
@@ -89,10 +96,10 @@ class TrainRenderer:
         self.progress.stop()
 
     def handle(self, event: ev.Event) -> None:
-        p = self.progress
+        p, out = self.progress, self.console
         if isinstance(event, ev.RunStarted):
             verb = "resuming" if event.resumed else "training in"
-            p.console.print(Text.assemble(("fsapp", "bold"), f" {verb} ", literal(event.run_dir, "cyan"),
+            out.print(Text.assemble(("fsapp", "bold"), f" {verb} ", literal(event.run_dir, "cyan"),
                                           " on ", literal(event.device)))
             self.task = p.add_task("train", total=event.epochs * event.steps_per_epoch,
                                    completed=event.start_epoch * event.steps_per_epoch + event.start_step,
@@ -101,17 +108,17 @@ class TrainRenderer:
             p.update(self.task, completed=event.global_step, epoch=event.epoch + 1, loss=event.loss,
                      acc=event.accuracy, ips=event.images_per_sec, lr=event.lr)
         elif isinstance(event, ev.EpochEnd):
-            p.console.print(f"epoch {event.epoch + 1}: loss {event.loss:.4f}, train acc {event.accuracy:.1%}, "
+            out.print(f"epoch {event.epoch + 1}: loss {event.loss:.4f}, train acc {event.accuracy:.1%}, "
                             f"{event.seconds:.1f}s" + (f", {event.bad_steps} skipped" if event.bad_steps else ""))
         elif isinstance(event, ev.EvalResult):
-            p.console.print(robustness_table(event))
+            out.print(robustness_table(event))
             for flag in event.flags:
-                p.console.print(labelled(f"flag {one_line(flag['id'])}:", "yellow", flag["message"]))
+                out.print(labelled(f"flag {one_line(flag['id'])}:", "yellow", flag["message"]))
         elif isinstance(event, ev.Warning):
-            p.console.print(labelled("warning:", "yellow", event.message))
+            self.diagnostics.print(labelled("warning:", "yellow", event.message))
         elif isinstance(event, ev.Finished):
             state = "stopped; resume with --resume " + event.run_dir if event.stopped else "finished"
-            p.console.print(Text.assemble(literal(state, "bold green"), f" in {event.seconds:.0f}s; model: ",
+            out.print(Text.assemble(literal(state, "bold green"), f" in {event.seconds:.0f}s; model: ",
                                           literal(event.model_path, "cyan")))
 
 
