@@ -22,10 +22,14 @@ from fsapp.devices import check_device_name
 from fsapp.errors import UsageError
 from fsapp.registry import (
     ModelParams,
+    Spec,
+    apply_defaults,
     coerce,
     format_value,
     in_range,
+    make_params,
     open_ends,
+    parse_spec,
     range_text,
     ranged,
     type_name,
@@ -301,7 +305,6 @@ class Config:
     def perturbation_params(self) -> dict[str, Any]:
         """The perturbation's parameters: [method] budget where it takes them, then [perturbation]."""
         from fsapp.plugins import get_registry
-        from fsapp.registry import Spec
 
         comp = get_registry().get("perturbation", self.method.perturbation)
         names = {f.name for f in dataclasses.fields(comp.params)}
@@ -318,7 +321,6 @@ class Config:
     def attack_specs(self) -> list[str]:
         """Live-evaluation attack specs with the eval eps and step size filled in, exactly as the
         evaluator fills them (:func:`fsapp.engine.evaluate.apply_defaults`)."""
-        from fsapp.registry import apply_defaults
 
         defaults = {"eps": self.eval.eps, "step_size": self.eval.step_size}
         return [apply_defaults(s, defaults) for s in self.eval.attacks]
@@ -512,7 +514,6 @@ def _where(table: str, names: dict[str, dict[str, Any]]) -> str:
 def _check_components(cfg: Config, source: str) -> None:
     """Build each component's params dataclass once, so bad combinations fail now."""
     from fsapp.plugins import get_registry
-    from fsapp.registry import make_params, parse_spec
 
     reg = get_registry()
     try:
@@ -601,7 +602,6 @@ def load_tables(source: str | Path | None) -> tuple[dict[str, Any], str]:
 def resolved_tables(cfg: Config) -> dict[str, dict[str, Any]]:
     """Every key with its value, component defaults written out."""
     from fsapp.plugins import get_registry
-    from fsapp.registry import make_params
 
     reg = get_registry()
     tables = {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}

@@ -44,9 +44,6 @@ BUILTIN_USES_REGISTRY = ("a built-in is itself loaded by fsapp.plugins; it reach
                          "time (feature-scatter builds its solver by name)")
 HEAVY_OPTIONAL = "a heavy or optional third-party package, needed only on this path"
 BENCH_ONLY = "needed only by `fsapp bench`"
-PRELOAD = "imported on a worker thread at start-up so that Start does not stall the UI"
-REDUNDANT = "already imported at module level: the inner import can go"
-HOISTABLE = "no cycle and no cost found: can move to the top of the module"
 APP_ON_DEMAND = ("the application layer is imported by both front ends; a job loads torch and the engine only "
                  "when it runs, so `fsapp --help` and the TUI start fast")
 ENGINE_ON_DEMAND = "loaded on the path that needs it (a heavier module, or one that imports this one back)"
@@ -96,7 +93,6 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ("fsapp.builtins.datasets", "torchvision.datasets.utils"): HEAVY_OPTIONAL + " (checksums, downloads)",
     ("fsapp.builtins.imagefolder", "PIL"): HEAVY_OPTIONAL,
     ("fsapp.builtins.perturbations", "fsapp.plugins"): BUILTIN_USES_REGISTRY,
-    ("fsapp.builtins.perturbations", "fsapp.registry"): HOISTABLE,
     ("fsapp.builtins.trackers", "torch.utils.tensorboard"): HEAVY_OPTIONAL,
     ("fsapp.checkpoint", "fsapp.plugins"): AT_RUN_TIME + " (a model file is rebuilt by name)",
     ("fsapp.cli.evalcmd", "fsapp.engine.sweep"): CLI_FAST,
@@ -118,20 +114,15 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ("fsapp.cli.main", "fsapp.registry"): CLI_FAST,
     ("fsapp.cli.main", "fsapp.tui.app"): TEXTUAL_ON_DEMAND,
     ("fsapp.config", "fsapp.plugins"): AT_RUN_TIME,
-    ("fsapp.config", "fsapp.registry"): REDUNDANT,
     ("fsapp.engine.distributed", "torch.nn.parallel"): "DDP is needed only to unwrap a model under torchrun",
     ("fsapp.engine.evaluate", "fsapp.engine.adaptive"): ENGINE_ON_DEMAND,
     ("fsapp.engine.evaluate", "fsapp.engine.distributed"): ENGINE_ON_DEMAND,
-    ("fsapp.engine.evaluate", "fsapp.engine.evalstate"): HOISTABLE,
     ("fsapp.engine.evaluate", "fsapp.engine.flags"): ENGINE_ON_DEMAND,
     ("fsapp.engine.evaluate", "fsapp.plugins"): AT_RUN_TIME,
-    ("fsapp.engine.landscape", "fsapp.checkpoint"): HOISTABLE,
-    ("fsapp.engine.landscape", "fsapp.engine.evaluate"): HOISTABLE,
     ("fsapp.engine.landscape", "matplotlib.backends.backend_agg"): HEAVY_OPTIONAL + " (the landscape PNG)",
     ("fsapp.engine.landscape", "matplotlib.figure"): HEAVY_OPTIONAL + " (the landscape PNG)",
     ("fsapp.engine.landscape", "numpy"): HEAVY_OPTIONAL + " (with matplotlib, the landscape PNG)",
     ("fsapp.engine.plan", "fsapp.plugins"): AT_RUN_TIME,
-    ("fsapp.engine.step", "fsapp.engine.distributed"): HOISTABLE,
     ("fsapp.engine.sweep", "fsapp.plugins"): AT_RUN_TIME,
     ("fsapp.engine.sweep", "matplotlib.backends.backend_agg"): HEAVY_OPTIONAL + " (the PNG curve)",
     ("fsapp.engine.sweep", "matplotlib.figure"): HEAVY_OPTIONAL + " (the PNG curve)",

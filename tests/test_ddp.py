@@ -233,13 +233,6 @@ def test_env_world(monkeypatch):
         ddp.env_world()
 
 
-def test_model_digest_is_the_evaluators_digest():
-    from fsapp.engine.evalstate import model_digest as eval_digest
-
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
-    assert ddp.model_digest(model) == eval_digest(model)
-
-
 @pytest.mark.parametrize("name", ["mps", "tpu", "cuda:x", "", "cuda:-1", "CPU", "cuda:0:1", " cpu"])
 def test_pick_device_refuses_names_outside_the_valid_choices(name):
     with pytest.raises(UsageError, match=r"valid here: auto, cpu"):

@@ -32,6 +32,7 @@ from fsapp.adversary import eval_mode, input_grad_mode, linf, random_start
 from fsapp.builtins.methods import Bilateral, BilateralParams, Trades, TradesParams
 from fsapp.hookspecs import hookimpl
 from fsapp.losses import cost_matrix
+from fsapp.registry import NoParams
 
 Solver = Callable[[torch.Tensor], torch.Tensor]
 
@@ -268,7 +269,6 @@ def _no_perturbation(
 @hookimpl
 def register_perturbations(register) -> None:  # noqa: ANN001 - the hook's register callback
     """Register the built-in training-time perturbations."""
-    from fsapp.registry import NoParams
 
     register(
         "feature-scatter",

@@ -73,6 +73,7 @@ __all__ = [
     "shard_rows",
     "shutdown",
     "state_digests",
+    "tensor_digest",
     "unwrap",
     "valid_devices",
     "wrap",
@@ -361,13 +362,15 @@ def broadcast_buffers(module: torch.nn.Module, d: Dist, src: int = 0) -> None:
                 offset += n
 
 
-def _tensor_digest(t: Tensor) -> str:
+def tensor_digest(*tensors: Tensor) -> str:
+    """SHA-256 (hex) of the tensors' shapes, dtypes and bytes (any dtype), in order."""
     h = hashlib.sha256()
-    t = t.detach().to("cpu").contiguous()
-    h.update(str(tuple(t.shape)).encode())
-    h.update(str(t.dtype).encode())
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -377,7 +380,7 @@ def model_digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, value in sorted(module.state_dict().items()):
         h.update(name.encode())
-        h.update(_tensor_digest(value).encode())
+        h.update(tensor_digest(value).encode())
     return h.hexdigest()
 
 

@@ -10,7 +10,6 @@ batch is seeded from (seed, batch index, attack name), a resumed run ends with t
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -33,27 +32,6 @@ def mask_to_str(mask: Tensor) -> str:
 def str_to_mask(text: str, device: torch.device | str = "cpu") -> Tensor:
     """The inverse of :func:`mask_to_str`."""
     return torch.tensor([c == "1" for c in text], dtype=torch.bool, device=device)
-
-
-def tensor_digest(*tensors: Tensor) -> str:
-    """SHA-256 of the tensors' bytes (any dtype), in order."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().to("cpu").contiguous()
-        h.update(str(tuple(t.shape)).encode())
-        h.update(str(t.dtype).encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def model_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's state dict (names, shapes, dtypes and values)."""
-    h = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor_digest(value).encode())
-    return h.hexdigest()
 
 
 class EvalState:

@@ -51,6 +51,8 @@ from torch import Tensor
 from fsapp.adversary import ThreatModel, cascade, kind_of, predict, preserved_state, threat_of
 from fsapp.engine.checks import CHECK_NAMES, check_examples, model_checks, validate_output
 from fsapp.engine.crafting import crafting_model
+from fsapp.engine.distributed import model_digest, tensor_digest
+from fsapp.engine.evalstate import EvalState, mask_to_str, str_to_mask
 from fsapp.engine.report import AttackRun, EvalProgress, Report, frac
 from fsapp.errors import PluginError, UsageError
 from fsapp.registry import apply_defaults, make_params, parse_spec
@@ -258,7 +260,6 @@ class _Pass:
 
 def _evaluate(model, source, x, y, plans, batch_size, on_batch, defaults, seed, state_path,  # noqa: ANN001
               resume, checks, sh, fingerprint, start, layout="auto") -> Report:
-    from fsapp.engine.evalstate import EvalState, model_digest, tensor_digest
     from fsapp.engine.flags import check_flags, compute_flags
 
     n = len(y)
@@ -308,7 +309,6 @@ def _evaluate(model, source, x, y, plans, batch_size, on_batch, defaults, seed, 
 def _clean_pass(job: _Pass, checks: bool) -> tuple[Tensor, Tensor]:
     """Clean accuracy (a non-finite row is never correct) and the model-check counts of this
     process's batches; returns (clean mask, counts of CHECK_NAMES plus non-finite outputs)."""
-    from fsapp.engine.evalstate import mask_to_str, str_to_mask
 
     x, y, model = job.x, job.y, job.model
     clean = torch.zeros(len(y), dtype=torch.bool, device=x.device)
@@ -358,7 +358,6 @@ def _attack_pass(job: _Pass, plan: _Plan, clean: Tensor, primary: ThreatModel | 
                  start: Tensor | None = None) -> AttackRun:
     """One attack over this process's batches (each seeded from its index, resumed ones read back),
     on the points of ``start`` (default: the clean-correct ones)."""
-    from fsapp.engine.evalstate import mask_to_str, str_to_mask
 
     device = job.x.device
     crafter = job.crafters["source" if plan.transfer else "model"]

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsapp.adversary import eval_mode, input_grad_mode, preserved_state
+from fsapp.checkpoint import atomic_write_bytes
+from fsapp.engine.evaluate import _plan
 from fsapp.errors import UsageError
 
 DIRECTIONS = ("grad", "pgd")
@@ -55,7 +57,6 @@ def adversarial_direction(model: nn.Module, x: Tensor, y: Tensor, eps: float, di
             loss = F.cross_entropy(model(xg), y)
             (grad,) = torch.autograd.grad(loss, xg)
         return grad.sign()
-    from fsapp.engine.evaluate import _plan
 
     attack = _plan("pgd:steps=20", {"eps": eps, "step_size": eps / 4}, transfer=False).attack
     fork = [x.device] if x.device.type == "cuda" else []
@@ -131,7 +132,6 @@ def plot_surfaces(panels: list[tuple[str, Surface]], path: Path, title: str = ""
         raise UsageError(PLOTS_HINT) from None
     import io
 
-    from fsapp.checkpoint import atomic_write_bytes
 
     zs = [np.asarray(s.z) for _, s in panels]
     z_low = min(float(z.min()) for z in zs)

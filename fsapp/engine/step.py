@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from fsapp.engine.distributed import any_rank
 from fsapp.losses import OuterLoss
 from fsapp.method import Adversarial, as_adversarial
 
@@ -51,7 +52,6 @@ def training_step(
     caller to read when it syncs anyway (every ``log_every`` steps). With a gradient scaler
     (fp16) the scaler's own overflow check decides the optimiser step first.
     """
-    from fsapp.engine.distributed import any_rank
 
     criterion = loss if isinstance(loss, OuterLoss) else OuterLoss("soft-ce", float(loss))
     buffers = list(net.buffers())
