@@ -97,10 +97,15 @@ def _group_key(run: AttackRun, vary: str) -> tuple:
 
 def compute_flags(report: Report) -> list[dict[str, str]]:
     """Flags whose inputs exist in ``report`` (the model-check flags come from :func:`check_flags`)."""
-    flags: list[dict[str, str]] = []
-    acc = report.accuracy
-    runs = list(report.attacks)
+    acc, runs = report.accuracy, list(report.attacks)
     white = [r for r in runs if r.access == "gradient" and not r.transfer]
+    return (_output_flags(report, runs) + _step_flags(acc, runs, white) + _budget_flags(acc, runs, white)
+            + _black_box_flags(acc, runs, white) + _gap_flags(report))
+
+
+def _output_flags(report: Report, runs: list[AttackRun]) -> list[dict[str, str]]:
+    """Examples outside the threat model, non-finite outputs, inputs without a gradient."""
+    flags: list[dict[str, str]] = []
     for run in runs:
         if run.invalid:
             flags.append(_flag(
@@ -127,6 +132,12 @@ def compute_flags(report: Report) -> list[dict[str, str]]:
                 "points (the output does not depend differentiably on the input); they count as not fooled by it",
             ))
 
+    return flags
+
+
+def _step_flags(acc: dict[str, float], runs: list[AttackRun], white: list[AttackRun]) -> list[dict[str, str]]:
+    """A single step beating an iterative attack; more steps or restarts raising accuracy."""
+    flags: list[dict[str, str]] = []
     # single-step vs iterative, per loss family and eps
     single = [r for r in white if r.name == "fgsm" or r.params.get("steps") == 1]
     iterative = [r for r in white if isinstance(r.params.get("steps"), int) and r.params["steps"] > 1]
@@ -157,6 +168,12 @@ def compute_flags(report: Report) -> list[dict[str, str]]:
                         "help the model; the attack is not converging",
                     ))
 
+    return flags
+
+
+def _budget_flags(acc: dict[str, float], runs: list[AttackRun], white: list[AttackRun]) -> list[dict[str, str]]:
+    """Accuracy that does not decay at a large eps; an unbounded attack that fails."""
+    flags: list[dict[str, str]] = []
     # large eps and unbounded attacks
     for r in white:
         if r.threat.eps is not None and r.threat.norm == "Linf" and r.threat.eps >= LARGE_EPS \
@@ -174,6 +191,13 @@ def compute_flags(report: Report) -> list[dict[str, str]]:
                 "unbounded attack must reach 0% (the attack or the gradients are failing)",
             ))
 
+    return flags
+
+
+def _black_box_flags(acc: dict[str, float], runs: list[AttackRun],
+                     white: list[AttackRun]) -> list[dict[str, str]]:
+    """Transfer, score- or decision-based attacks (or stages) beating the white-box ones."""
+    flags: list[dict[str, str]] = []
     # black-box / transfer / score-based attacks beat the white-box ones
     baseline = [acc[r.key] for r in white if r.in_worst_case and r.access == "gradient"]
     for r in runs:
@@ -197,6 +221,12 @@ def compute_flags(report: Report) -> list[dict[str, str]]:
                 ))
             previous = now
 
+    return flags
+
+
+def _gap_flags(report: Report) -> list[dict[str, str]]:
+    """Cross-entropy attacks well above margin-loss attacks."""
+    flags: list[dict[str, str]] = []
     gap = report.gap
     if gap is not None and gap > GAP_THRESHOLD:
         flags.append(_flag(
