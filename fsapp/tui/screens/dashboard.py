@@ -269,6 +269,8 @@ class DashboardScreen(Screen[None]):
             return
         if s.finished:
             when = f"took {duration(self.training_seconds(s) + self.eval_seconds(s))}"
+        elif self.status() in RESUMABLE:  # nothing is running: no ETA to promise
+            when = f"ran {duration(self.training_seconds(s) + self.eval_seconds(s))}, not running"
         else:
             when = f"ETA {duration(eta_seconds(s))} (with evaluation)"
         self.query_one("#rate", Static).update(f" {step.images_per_sec:,.0f} img/s · {when}")
