@@ -145,7 +145,7 @@ def test_a_killed_run_leaves_the_app_alive_and_resumes_from_the_tui(tmp_path):
     async def script(app, pilot):
         from fsapp.tui.screens.dashboard import DashboardScreen
 
-        await start_run_from_form(app, pilot, "killed", {"epochs": "30"},
+        await start_run_from_form(app, pilot, "killed", {"epochs": "30", "train_limit": "1000"},  # ~10 s: room to pause
                                   "run.seed=5 run.log_every=1 eval.every=10 schedule.milestones=[20]")
         path = runs / "killed"
         job = app.jobs.active_for(path)
