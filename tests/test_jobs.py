@@ -181,7 +181,7 @@ def test_a_killed_run_leaves_the_app_alive_and_resumes_from_the_tui(tmp_path):
 
 
 def test_jobs_report_failures_in_one_line_and_refuse_taken_run_directories(tmp_path):
-    from fsapp.app.jobs import EvalRequest
+    from fsapp.app.request import EvalRequest
     from fsapp.config import load
     from fsapp.errors import UsageError
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fsapp.app.jobs import EvalRequest, Jobs
+from fsapp.app.jobs import Jobs
+from fsapp.app.request import EvalRequest
 from fsapp.config import load, to_toml
 from fsapp.engine import events as ev
 from fsapp.engine.rundir import (

@@ -22,13 +22,13 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fsapp.app.examples import save_examples
+from fsapp.app.request import EvalRequest
 from fsapp.data import to_unit
 from fsapp.engine import events as ev
 from fsapp.engine.evaluate import SUITES
@@ -43,38 +43,6 @@ FILE_PARAMS = ("root", "download", "check_integrity")
 """Dataset parameters that say where files live, not what the data are."""
 
 OnEvent = Callable[[ev.Event], Any]
-
-
-@dataclass
-class EvalRequest:
-    """What to evaluate and how; the defaults are ``fsapp eval``'s.
-
-    ``eps`` is text (``8/255``; None: the model file's eval eps); ``data_root`` None: the root the
-    model file records, else ``data``; ``state`` None: a hidden file beside the report.
-    """
-
-    model: Path
-    attacks: list[str] = field(default_factory=list)
-    suites: list[str] = field(default_factory=list)
-    sweeps: list[str] = field(default_factory=list)
-    source: Path | None = None
-    n: int = 1000
-    batch_size: int = 250
-    seed: int = 0
-    device: str = "auto"
-    eps: str | None = None
-    data_root: str | None = None
-    out: Path | None = None
-    robustbench_json: Path | None = None
-    resume: bool = False
-    state: Path | None = None
-    events: Path | None = None
-    landscape: bool = False  # also the loss surfaces of Figure 4 (clean accuracy only unless attacks are named)
-    landscape_index: list[int] = field(default_factory=lambda: [0])
-    landscape_direction: str = "grad"  # grad: sign of the CE input gradient; pgd: of the PGD-20 perturbation
-    grid: int = 41
-    clip: bool = True
-    compare: list[Path] = field(default_factory=list)  # more model files: one panel each, shared z-scale
 
 
 # --------------------------------------------------------------------------- the job

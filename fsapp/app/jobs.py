@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fsapp.app.request import EvalRequest
 from fsapp.engine import events as ev
 from fsapp.engine.rundir import (
     CHECKPOINT,
@@ -47,43 +48,6 @@ if TYPE_CHECKING:
 
 TRAIN, EVAL = "train", "eval"
 TAIL_BYTES = 8192
-
-
-@dataclass
-class EvalRequest:
-    """What ``fsapp eval`` is asked: the model file and the options a user would type."""
-
-    model: Path
-    suites: list[str] = field(default_factory=list)
-    attacks: list[str] = field(default_factory=list)
-    sweeps: list[str] = field(default_factory=list)
-    source: Path | None = None
-    n: int = 1000
-    seed: int = 0
-    batch_size: int = 250
-    eps: str = ""
-    device: str = "auto"
-    robustbench_json: Path | None = None
-
-    def args(self) -> list[str]:
-        """The arguments after ``fsapp`` (without ``--out`` and ``--events``, which the job adds)."""
-        out = ["eval", str(self.model)]
-        for suite in self.suites:
-            out += ["--suite", suite]
-        for spec in self.attacks:
-            out += ["--attack", spec]
-        for sweep in self.sweeps:
-            out += ["--sweep", sweep]
-        if self.source is not None:
-            out += ["--source", str(self.source)]
-        out += ["--n", str(self.n), "--seed", str(self.seed), "--batch-size", str(self.batch_size)]
-        if self.eps:
-            out += ["--eps", self.eps]
-        if self.device != "auto":
-            out += ["--device", self.device]
-        if self.robustbench_json is not None:
-            out += ["--robustbench-json", str(self.robustbench_json)]
-        return out
 
 
 @dataclass

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 from textual.message import Message
 
 if TYPE_CHECKING:
-    from fsapp.app.jobs import EvalRequest, Job
+    from fsapp.app.jobs import Job
+    from fsapp.app.request import EvalRequest
     from fsapp.config import Config
     from fsapp.engine import events as ev
 

@@ -25,7 +25,8 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Button, DataTable, Footer, Header, Input, ProgressBar, Static
 from textual_plotext import PlotextPlot
 
-from fsapp.app.jobs import EvalRequest, Job
+from fsapp.app.jobs import Job
+from fsapp.app.request import EvalRequest
 from fsapp.engine import events as ev
 from fsapp.errors import UsageError
 from fsapp.registry import eps_text
