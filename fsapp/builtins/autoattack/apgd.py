@@ -17,6 +17,7 @@ from fsapp.builtins.autoattack.common import (
     bshape,
     ce_per_sample,
     check_common,
+    keep_fooled,
     logits_of,
     seed_draws,
 )
@@ -198,9 +199,7 @@ def apgd(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255, steps: in
                 else:
                     loss_fn = ce_per_sample if loss == "ce" else dlr_loss
                 acc_curr, adv_curr = _apgd_run(model, xs, ys, eps, steps, rho, loss_fn)
-                fooled = ~acc_curr
-                acc[ind[fooled]] = False
-                adv[ind[fooled]] = adv_curr[fooled]
+                keep_fooled(acc, adv, ind, ~acc_curr, adv_curr)
         return adv.detach()
 
 

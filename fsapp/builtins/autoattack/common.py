@@ -23,6 +23,13 @@ def seed_draws(seed: int | None) -> None:
         torch.random.default_generator.manual_seed(seed)
 
 
+def keep_fooled(acc: Tensor, adv: Tensor, ind: Tensor, fooled: Tensor, adv_curr: Tensor) -> None:
+    """Record one run on the still-robust points ``ind``: those it ``fooled`` stop being robust
+    and keep its example (the per-sample worst case every AutoAttack component accumulates)."""
+    acc[ind[fooled]] = False
+    adv[ind[fooled]] = adv_curr[fooled]
+
+
 def bshape(x: Tensor) -> tuple[int, ...]:
     """``(-1, 1, 1, ...)``: a per-sample value broadcast over ``x``'s other dimensions."""
     return (-1,) + (1,) * (x.dim() - 1)

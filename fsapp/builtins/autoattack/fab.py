@@ -11,7 +11,14 @@ import torch.nn as nn
 from torch import Tensor
 
 from fsapp.adversary import eval_mode, input_grad_mode
-from fsapp.builtins.autoattack.common import LinfAttack, bshape, check_common, logits_of, seed_draws
+from fsapp.builtins.autoattack.common import (
+    LinfAttack,
+    bshape,
+    check_common,
+    keep_fooled,
+    logits_of,
+    seed_draws,
+)
 
 
 def projection_linf(points_to_project: Tensor, w_hyperplane: Tensor, b_hyperplane: Tensor) -> Tensor:
@@ -154,9 +161,7 @@ def fab_targeted(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255, s
                     acc_curr = model(adv_curr).max(1)[1] == ys
                 res = (xs - adv_curr).abs().reshape(xs.shape[0], -1).max(1)[0]
                 acc_curr = acc_curr | (res > eps)
-                fooled = ~acc_curr
-                acc[ind[fooled]] = False
-                adv[ind[fooled]] = adv_curr[fooled]
+                keep_fooled(acc, adv, ind, ~acc_curr, adv_curr)
         return adv.detach()
 
 

@@ -11,7 +11,14 @@ import torch.nn as nn
 from torch import Tensor
 
 from fsapp.adversary import eval_mode
-from fsapp.builtins.autoattack.common import LinfAttack, bshape, check_common, logits_of, seed_draws
+from fsapp.builtins.autoattack.common import (
+    LinfAttack,
+    bshape,
+    check_common,
+    keep_fooled,
+    logits_of,
+    seed_draws,
+)
 
 
 def _p_selection(p_init: float, it: int, n_queries: int, rescale: bool) -> float:
@@ -102,9 +109,7 @@ def square_linf(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255, n_
                 break
             xs, ys = x[ind], y[ind]
             adv_curr = _square_run(model, xs, ys, eps, n_queries, p_init, rescale_schedule)
-            fooled = model(adv_curr).max(1)[1] != ys
-            acc[ind[fooled]] = False
-            adv[ind[fooled]] = adv_curr[fooled]
+            keep_fooled(acc, adv, ind, model(adv_curr).max(1)[1] != ys, adv_curr)
         return adv
 
 
